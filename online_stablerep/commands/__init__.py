@@ -1,0 +1,1 @@
+"""CLI subcommands. Each module has `add_arguments(parser)` and `run(args) -> int`."""

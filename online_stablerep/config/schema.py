@@ -1,0 +1,265 @@
+"""The typed config tree. Every field has a one-line docstring (the comment above it) and a
+default; validation lives in `validate.py`, loading in `load.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    # timm model name of the backbone (random init); any timm name works.
+    backbone: str = "vit_base_patch16_224"
+    # Side of the square crop the backbone sees.
+    image_size: int = 224
+    # Projection head: "mlp_bn" (the paper's, BatchNorm per view chunk) or "mlp_ln" (LayerNorm).
+    head: str = "mlp_bn"
+    # Hidden width of the projection head MLP.
+    head_hidden_dim: int = 4096
+    # Output dimension of the projection head (the contrastive embedding).
+    embed_dim: int = 256
+    # Stochastic depth rate of the backbone.
+    drop_path_rate: float = 0.0
+    # StableRep++: add a text tower and the image-text contrastive term.
+    text_tower: bool = False
+    # Width of the text transformer.
+    text_width: int = 512
+    # Layers of the text transformer.
+    text_layers: int = 12
+    # Attention heads of the text transformer.
+    text_heads: int = 8
+    # Maximum number of text tokens (CLIP's 77).
+    text_context_length: int = 77
+
+
+@dataclass
+class LossConfig:
+    # Softmax temperature tau of the multi-positive contrastive loss.
+    temperature: float = 0.1
+    # Weight of the image-image multi-positive term.
+    image_weight: float = 1.0
+    # Weight of the StableRep++ image-text term (used only with model.text_tower).
+    text_weight: float = 1.0
+
+
+@dataclass
+class AugmentConfig:
+    # Lower bound of RandomResizedCrop's area fraction.
+    crop_scale_min: float = 0.08
+    # Upper bound of RandomResizedCrop's area fraction.
+    crop_scale_max: float = 1.0
+    # Probability of applying colour jitter.
+    color_jitter_p: float = 0.8
+    # Colour jitter strength for brightness.
+    brightness: float = 0.4
+    # Colour jitter strength for contrast.
+    contrast: float = 0.4
+    # Colour jitter strength for saturation.
+    saturation: float = 0.4
+    # Colour jitter strength for hue (at most 0.5).
+    hue: float = 0.1
+    # Probability of converting a view to grayscale.
+    grayscale_p: float = 0.2
+    # Probability of a Gaussian blur.
+    blur_p: float = 0.5
+    # Smallest Gaussian blur sigma, as a fraction of a 224 px image's scale (paper: 0.1).
+    blur_sigma_min: float = 0.1
+    # Largest Gaussian blur sigma (paper: 2.0).
+    blur_sigma_max: float = 2.0
+    # Probability of a horizontal flip.
+    flip_p: float = 0.5
+    # Probability of the "downsample" augmentation (shrink to 64 or 128 px and back).
+    downsample_p: float = 0.0
+    # Normalisation mean (ImageNet).
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    # Normalisation std (ImageNet).
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class BatchConfig:
+    # n: distinct caption groups per batch on each trainer rank.
+    captions_per_batch: int = 43
+    # k: views (images) drawn from each caption group per batch.
+    views_per_caption: int = 6
+
+
+@dataclass
+class OptimConfig:
+    # Learning rate per 256 images of global batch; lr = base_lr * global_batch / 256.
+    base_lr: float = 2.0e-4
+    # Absolute learning rate; overrides base_lr scaling when > 0.
+    lr: float = 0.0
+    # AdamW beta1.
+    beta1: float = 0.9
+    # AdamW beta2.
+    beta2: float = 0.98
+    # AdamW weight decay (not applied to biases and norm parameters).
+    weight_decay: float = 0.1
+    # Linear warmup steps before the cosine decay.
+    warmup_steps: int = 1000
+    # Final learning rate as a fraction of the peak.
+    min_lr_ratio: float = 0.0
+    # Gradient clipping by global norm; 0 disables it.
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    # Total optimizer steps.
+    steps: int = 109000
+    # Stop after this many passes over the caption corpus (0 = no limit, steps decides).
+    epochs: int = 0
+    # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32".
+    precision: str = "auto"
+    # DeepSpeed ZeRO stage (0 or 1).
+    zero_stage: int = 0
+    # Print a console line and write scalars every this many steps.
+    log_every: int = 50
+    # Save a checkpoint every this many steps (0 = only at the end).
+    checkpoint_every: int = 5000
+    # Keep this many newest checkpoints.
+    keep_checkpoints: int = 2
+    # Write an image grid of received caption groups every this many steps (0 = never).
+    image_grid_every: int = 1000
+    # On a non-finite loss: "stop" (raise naming the step) or "skip" (drop the step).
+    on_nonfinite: str = "stop"
+    # Torch threads per process on CPU (0 = leave torch's default).
+    cpu_threads: int = 0
+
+
+@dataclass
+class ProducerConfig:
+    # Which producer makes caption groups: "procedural" or "diffusion".
+    kind: str = "diffusion"
+    # Images generated per caption (the group size; the paper makes 10).
+    images_per_caption: int = 10
+    # Side of the stored square uint8 images.
+    output_size: int = 256
+    # Captions per producer call (one batched call makes captions x images).
+    captions_per_call: int = 4
+    # Base seed of generation; a group is a pure function of (seed, caption id, image index).
+    seed: int = 0
+
+
+@dataclass
+class ProceduralConfig:
+    # Number of fractal categories ("captions").
+    num_categories: int = 100
+    # Side of the rendered image before resizing to producer.output_size.
+    render_size: int = 64
+    # Points iterated per render (more = denser fractals, slower).
+    num_points: int = 6000
+    # Affine maps per iterated function system.
+    num_maps: int = 4
+
+
+@dataclass
+class GeneratorConfig:
+    # Diffusers checkpoint (local dir or hub id) or a random-weight architecture:
+    # "tiny", "sd15", "sd21", "sdxl".
+    model: str = "sd15"
+    # Scheduler: "dpm++", "unipc", "euler", "ddim", "lcm".
+    scheduler: str = "dpm++"
+    # Denoising steps.
+    steps: int = 20
+    # Guidance: "small" [2,3], "large" [8,10], "mixed", a list "2,3,4", or one value "2.0".
+    guidance: str = "2.0"
+    # Generation resolution in pixels (0 = the model's native size).
+    resolution: int = 0
+    # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "fp32".
+    dtype: str = "auto"
+    # Attention backend: "sdpa" or "xformers".
+    attention: str = "sdpa"
+    # Use channels_last memory format for UNet and VAE.
+    channels_last: bool = True
+    # torch.compile the UNet with fixed shapes (the last batch is padded).
+    compile: bool = False
+    # Images per VAE decode call (bounds memory; 0 = all at once).
+    vae_decode_chunk: int = 8
+    # Path of AutoencoderTiny weights to decode with ("" = the model's own VAE).
+    tiny_vae: str = ""
+    # Negative prompt used for the unconditional branch of classifier-free guidance.
+    negative_prompt: str = ""
+
+
+@dataclass
+class CaptionsConfig:
+    # Caption corpus: a .txt/.csv/.tsv/.parquet file or a directory of them ("" = the packaged
+    # demo captions).
+    path: str = ""
+    # Column holding the caption in .csv/.tsv/.parquet files.
+    column: str = "caption"
+    # Skip (and count) bad rows instead of failing.
+    skip_bad_rows: bool = False
+    # Shuffle caption order per epoch (from producer.seed and the epoch number).
+    shuffle: bool = True
+
+
+@dataclass
+class RolesConfig:
+    # Generator ranks in the job: a total count ("2") or a count per node ("1/node");
+    # "0" is colocated mode where every rank trains and runs its own producer.
+    generators: str = "0"
+
+
+@dataclass
+class ReplayConfig:
+    # Caption groups each trainer holds at most.
+    capacity: int = 512
+    # Maximum times one group is used in a batch (1 = pure online).
+    max_reuse: int = 4
+
+
+@dataclass
+class TransportConfig:
+    # Caption-group slots a trainer grants each generator at a time.
+    credits_per_generator: int = 8
+    # Seconds any rank waits for a peer before failing with a message naming it.
+    timeout_s: float = 120.0
+
+
+@dataclass
+class EvalConfig:
+    # Run the linear probe and k-NN at the end of training.
+    probe_at_end: bool = False
+    # "procedural" (held-out renders) or the path of an ImageFolder root with train/ and val/.
+    dataset: str = "procedural"
+    # Procedural probe: training images per class.
+    train_per_class: int = 10
+    # Procedural probe: test images per class.
+    test_per_class: int = 5
+    # Linear probe learning rates swept.
+    lrs: list[float] = field(default_factory=lambda: [0.1, 0.03, 0.01])
+    # Linear probe weight decays swept.
+    weight_decays: list[float] = field(default_factory=lambda: [0.0, 1.0e-4])
+    # Linear probe epochs.
+    epochs: int = 100
+    # k of the k-NN classifier.
+    knn_k: int = 20
+    # Also report the probe for a randomly initialised backbone and raw pixels.
+    baselines: bool = True
+
+
+@dataclass
+class Config:
+    # Where the run writes config, checkpoints, TensorBoard events and results.
+    output_dir: str = "runs/default"
+    # Continue from the newest complete checkpoint in output_dir.
+    resume: bool = False
+    # Seed of model init, augmentation and sampling.
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    producer: ProducerConfig = field(default_factory=ProducerConfig)
+    procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,150 @@
+"""Validation of a whole config in one place; every error names its key."""
+
+from __future__ import annotations
+
+from online_stablerep.config.schema import Config
+
+GUIDANCE_PRESETS: dict[str, list[float]] = {
+    "small": [2.0, 3.0],
+    "large": [8.0, 10.0],
+    "mixed": [2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0],
+}
+SCHEDULERS = ("dpm++", "unipc", "euler", "ddim", "lcm")
+RANDOM_ARCHITECTURES = ("tiny", "sd15", "sd21", "sdxl")
+PRODUCERS = ("procedural", "diffusion")
+
+
+class ConfigError(ValueError):
+    """A config key holds a value that cannot work."""
+
+
+def parse_guidance(spec: str) -> list[float]:
+    """Guidance scales from a preset name, a comma-separated list, or one value."""
+    spec = str(spec).strip()
+    if spec in GUIDANCE_PRESETS:
+        return list(GUIDANCE_PRESETS[spec])
+    try:
+        values = [float(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"generator.guidance={spec!r}: expected small, large, mixed, a number or a "
+            "comma-separated list of numbers"
+        ) from None
+    if not values:
+        raise ConfigError("generator.guidance is empty")
+    return values
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: object, key: str, allowed: tuple) -> None:
+    _require(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first key whose value cannot work."""
+    m, b, o, t, p, g = cfg.model, cfg.batch, cfg.optim, cfg.train, cfg.producer, cfg.generator
+    _require(bool(cfg.output_dir), "output_dir", "must not be empty")
+    _require(m.image_size > 0, "model.image_size", "must be positive")
+    _one_of(m.head, "model.head", ("mlp_bn", "mlp_ln"))
+    _require(m.embed_dim > 0 and m.head_hidden_dim > 0, "model.embed_dim", "must be positive")
+    _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    _require(cfg.loss.temperature > 0, "loss.temperature", f"must be > 0, got {cfg.loss.temperature}")
+    _require(cfg.loss.image_weight >= 0, "loss.image_weight", "must be >= 0")
+    _require(cfg.loss.text_weight >= 0, "loss.text_weight", "must be >= 0")
+
+    a = cfg.augment
+    _require(0 < a.crop_scale_min <= a.crop_scale_max <= 1, "augment.crop_scale_min",
+             "need 0 < crop_scale_min <= crop_scale_max <= 1")
+    for key in ("color_jitter_p", "grayscale_p", "blur_p", "flip_p", "downsample_p"):
+        value = getattr(a, key)
+        _require(0.0 <= value <= 1.0, f"augment.{key}", f"probability {value} not in [0, 1]")
+    _require(0 <= a.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
+    _require(0 < a.blur_sigma_min <= a.blur_sigma_max, "augment.blur_sigma_min",
+             "need 0 < blur_sigma_min <= blur_sigma_max")
+    _require(len(a.mean) == 3 and len(a.std) == 3, "augment.mean", "mean and std need 3 values")
+    _require(all(s > 0 for s in a.std), "augment.std", "must be positive")
+
+    _require(b.captions_per_batch >= 1, "batch.captions_per_batch", "must be >= 1")
+    _require(b.views_per_caption >= 2, "batch.views_per_caption",
+             f"need at least 2 views per caption for positives, got {b.views_per_caption}")
+    _require(p.images_per_caption >= 2, "producer.images_per_caption",
+             f"need at least 2 images per caption, got {p.images_per_caption}")
+    _require(b.views_per_caption <= p.images_per_caption, "batch.views_per_caption",
+             f"{b.views_per_caption} views > producer.images_per_caption={p.images_per_caption}")
+    _require(b.captions_per_batch * b.views_per_caption >= 2, "batch.captions_per_batch",
+             "a batch needs at least 2 rows")
+
+    _require(o.base_lr > 0 or o.lr > 0, "optim.base_lr", "one of base_lr, lr must be > 0")
+    _require(o.lr >= 0, "optim.lr", "must be >= 0")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+    _require(t.steps >= 1, "train.steps", "must be >= 1")
+    _require(t.epochs >= 0, "train.epochs", "must be >= 0")
+    _one_of(t.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _one_of(t.zero_stage, "train.zero_stage", (0, 1))
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _require(t.image_grid_every >= 0, "train.image_grid_every", "must be >= 0")
+    _one_of(t.on_nonfinite, "train.on_nonfinite", ("stop", "skip"))
+    _require(t.cpu_threads >= 0, "train.cpu_threads", "must be >= 0")
+
+    _one_of(p.kind, "producer.kind", PRODUCERS)
+    _require(p.output_size >= 8, "producer.output_size", "must be >= 8")
+    _require(p.captions_per_call >= 1, "producer.captions_per_call", "must be >= 1")
+    _require(p.seed >= 0, "producer.seed", "must be >= 0")
+
+    q = cfg.procedural
+    _require(q.num_categories >= 2, "procedural.num_categories", "must be >= 2")
+    _require(q.render_size >= 8, "procedural.render_size", "must be >= 8")
+    _require(q.num_points >= 100, "procedural.num_points", "must be >= 100")
+    _require(2 <= q.num_maps <= 8, "procedural.num_maps", "must be in [2, 8]")
+
+    _require(bool(g.model), "generator.model", "must name a checkpoint or an architecture")
+    _one_of(g.scheduler, "generator.scheduler", SCHEDULERS)
+    _require(g.steps >= 1, "generator.steps", "must be >= 1")
+    parse_guidance(g.guidance)
+    _require(g.resolution >= 0 and g.resolution % 8 == 0, "generator.resolution",
+             "must be 0 or a positive multiple of 8")
+    _one_of(g.dtype, "generator.dtype", ("auto", "bf16", "fp16", "fp32"))
+    _one_of(g.attention, "generator.attention", ("sdpa", "xformers"))
+    _require(g.vae_decode_chunk >= 0, "generator.vae_decode_chunk", "must be >= 0")
+
+    _require(cfg.replay.capacity >= b.captions_per_batch, "replay.capacity",
+             f"{cfg.replay.capacity} < batch.captions_per_batch={b.captions_per_batch}")
+    _require(cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1")
+    _require(cfg.transport.credits_per_generator >= 1, "transport.credits_per_generator",
+             "must be >= 1")
+    _require(cfg.transport.timeout_s > 0, "transport.timeout_s", "must be > 0")
+    parse_generators(cfg.roles.generators)
+
+    e = cfg.eval
+    _require(e.train_per_class >= 1 and e.test_per_class >= 1, "eval.train_per_class",
+             "must be >= 1")
+    _require(len(e.lrs) >= 1 and all(x > 0 for x in e.lrs), "eval.lrs", "need positive values")
+    _require(all(x >= 0 for x in e.weight_decays), "eval.weight_decays", "must be >= 0")
+    _require(e.epochs >= 1, "eval.epochs", "must be >= 1")
+    _require(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
+
+
+def parse_generators(spec: str) -> tuple[int, bool]:
+    """`roles.generators` as (count, per_node): "2" -> (2, False), "1/node" -> (1, True)."""
+    text = str(spec).strip()
+    per_node = text.endswith("/node")
+    number = text[: -len("/node")] if per_node else text
+    try:
+        count = int(number)
+    except ValueError:
+        raise ConfigError(
+            f"roles.generators={spec!r}: expected a count like 2 or a count per node like 1/node"
+        ) from None
+    _require(count >= 0, "roles.generators", f"must be >= 0, got {count}")
+    return count, per_node
