@@ -209,6 +209,9 @@ class ReplayConfig:
     capacity: int = 512
     # Maximum times one group is used in a batch (1 = pure online).
     max_reuse: int = 4
+    # Save the held groups in checkpoints, so a resumed run loses nothing it had received
+    # (costs capacity x group size of disk per trainer rank).
+    checkpoint_contents: bool = True
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""Probe a trained encoder beside an untrained one of the same architecture (and raw pixels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from online_stablerep.config import Config
+from online_stablerep.eval.probe import probe_encoders, write_probe_json
+from online_stablerep.models import build_model
+from online_stablerep.monitoring.metrics import console
+from online_stablerep.training import checkpoint as ckpt
+
+
+def _encoder(model: torch.nn.Module):
+    model.eval()
+    dtype = next(model.parameters()).dtype
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(images.to(dtype)).float()
+
+    return encode
+
+
+def probe_model(cfg: Config, model: torch.nn.Module, device: torch.device) -> dict:
+    """Probe `model`, a fresh random-init model of the same config, and pixels; write JSON."""
+    encoders = {"trained": _encoder(model)}
+    if cfg.eval.baselines:
+        torch.manual_seed(cfg.seed + 1)
+        encoders["random_init"] = _encoder(build_model(cfg).to(device))
+    with torch.no_grad():
+        results = probe_encoders(cfg, encoders, device)
+    path = Path(cfg.output_dir) / "probe.json"
+    summary = write_probe_json(results, path)
+    console(
+        "probe: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
+        + f" -> {path}"
+    )
+    return summary
+
+
+def probe_after_training(cfg: Config, model: torch.nn.Module, device: torch.device) -> dict:
+    was_training = model.training
+    try:
+        return probe_model(cfg, model, device)
+    finally:
+        model.train(was_training)
+
+
+def probe_checkpoint(cfg: Config, path: Path | None, device: torch.device) -> dict:
+    """Probe the model of checkpoint `path` (default: the newest in cfg.output_dir)."""
+    path = path or ckpt.newest_checkpoint(cfg.output_dir)
+    if path is None or not (Path(path) / "model.pt").is_file():
+        raise ValueError(f"no complete checkpoint found at {path or cfg.output_dir}")
+    model = build_model(cfg).to(device)
+    model.load_state_dict(torch.load(Path(path) / "model.pt", map_location=device))
+    console(f"probing checkpoint {path}")
+    return probe_model(cfg, model, device)

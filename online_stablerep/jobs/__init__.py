@@ -1,0 +1,1 @@
+"""Jobs: the training job entry and the generator rank's loop."""

@@ -1,0 +1,148 @@
+"""The training job: one process per rank, started by the deepspeed launcher (or alone).
+
+Every rank validates its input, joins torch.distributed, creates all process groups in the same
+order, then takes its role: trainer ranks run the Trainer, generator ranks feed them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from online_stablerep.config import Config, save_config
+from online_stablerep.distributed.env import default_device
+from online_stablerep.distributed.groups import JobGroups, create_groups, init_distributed
+from online_stablerep.distributed.roles import Roles
+from online_stablerep.monitoring.metrics import MetricSink, TensorBoardSink, console
+from online_stablerep.producers import build_producer
+from online_stablerep.training.replay_buffer import ReplayBuffer
+from online_stablerep.training.sources import BatchSource, ColocatedSource
+from online_stablerep.training.trainer import Trainer, TrainResult
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Let `online-stablerep train` run without a launcher as a world of one rank."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(f"received signal {signal.Signals(signum).name}")
+
+
+def _trainer_source(
+    cfg: Config, roles: Roles, groups: JobGroups, rank: int, device: torch.device
+) -> BatchSource:
+    buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse, seed=cfg.seed * 7919 + rank)
+    n, k = cfg.batch.captions_per_batch, cfg.batch.views_per_caption
+    if roles.colocated:
+        shard, shards = roles.producer_shard(rank)
+        producer = build_producer(cfg, shard, shards, rank, device)
+        producer.start()
+        return ColocatedSource(producer, buffer, n, k)
+    from online_stablerep.training.hybrid_source import build_hybrid_source
+
+    return build_hybrid_source(cfg, groups, buffer)
+
+
+def _run_trainer(cfg: Config, roles: Roles, groups: JobGroups, device: torch.device) -> int:
+    rank = groups.rank
+    source = _trainer_source(cfg, roles, groups, rank, device)
+    sink: MetricSink = MetricSink()
+    if rank == 0:
+        sink = TensorBoardSink(Path(cfg.output_dir) / "tensorboard" / "train")
+    try:
+        trainer = Trainer(cfg, groups, source, device, sink)
+        if cfg.resume and not trainer.resume():
+            console("resume=true but no complete checkpoint yet: starting fresh", rank=rank)
+        result = trainer.fit()
+        if rank == 0:
+            _write_summary(cfg, result)
+            console(f"finished: {result.steps} steps ({result.stopped_because}), "
+                    f"checkpoint {result.checkpoint}", rank=rank)
+            if cfg.eval.probe_at_end:
+                from online_stablerep.eval.run import probe_after_training
+
+                probe_after_training(cfg, trainer.engine.module, device)
+    finally:
+        source.close()
+        sink.close()
+    return 0
+
+
+def _write_summary(cfg: Config, result: TrainResult) -> None:
+    summary = {
+        "steps": result.steps,
+        "stopped_because": result.stopped_because,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "first_loss": result.losses[0] if result.losses else None,
+        "last_loss": result.losses[-1] if result.losses else None,
+        "losses": result.losses,
+    }
+    (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _run_generator(cfg: Config, roles: Roles, groups: JobGroups, device: torch.device) -> int:
+    from online_stablerep.jobs.generator import run_generator
+
+    rank = groups.rank
+    shard, shards = roles.producer_shard(rank)
+    producer = build_producer(cfg, shard, shards, rank, device)
+    return run_generator(cfg, groups, producer)
+
+
+def run_job(cfg: Config) -> int:
+    """Run this rank's part of the job; returns the process exit code."""
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    _single_process_env()
+    device = default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    # 1. Everything that can fail on bad input fails here, before any group or model exists.
+    roles = Roles.from_spec(
+        cfg.roles.generators, world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    )
+    # 2. torch.distributed first (no device_id), then DeepSpeed reuses it.
+    init_distributed(device, cfg.transport.timeout_s)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    try:
+        groups = create_groups(roles, device, cfg.transport.timeout_s)
+        if rank == 0:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+            console(roles.describe(), rank=rank)
+        if roles.is_trainer(rank):
+            return _run_trainer(cfg, roles, groups, device)
+        return _run_generator(cfg, roles, groups, device)
+    except BaseException as err:
+        role = "trainer" if roles.is_trainer(rank) else "generator"
+        print(f"[{role} rank {rank}] failed: {err}", file=sys.stderr, flush=True)
+        if not isinstance(err, (SystemExit, KeyboardInterrupt)):
+            traceback.print_exc()
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

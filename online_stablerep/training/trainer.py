@@ -1,0 +1,261 @@
+"""The Trainer: a DeepSpeed engine over the trainer group, fed by a BatchSource. The same class
+serves colocated mode (producer in-process) and hybrid mode (generator ranks)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from online_stablerep.config.schema import Config
+from online_stablerep.distributed.env import get_rank, get_world_size
+from online_stablerep.distributed.groups import JobGroups, TrainerMPU
+from online_stablerep.losses import StableRepLoss
+from online_stablerep.models import build_model
+from online_stablerep.monitoring.metrics import MetricSink, console, group_grid
+from online_stablerep.records import TrainBatch
+from online_stablerep.training import checkpoint as ckpt
+from online_stablerep.training.augment import DeviceAugment
+from online_stablerep.training.schedule import param_groups, warmup_cosine
+from online_stablerep.training.sources import BatchSource
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run did."""
+
+    steps: int
+    losses: list[float]
+    stopped_because: str
+    checkpoint: Path | None
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.precision == "auto":
+        return device.type == "cuda"
+    return cfg.train.precision == "bf16"
+
+
+def peak_lr(cfg: Config, trainer_world: int) -> float:
+    """optim.lr if set, else base_lr scaled by the global batch (images per step / 256)."""
+    if cfg.optim.lr > 0:
+        return cfg.optim.lr
+    images = cfg.batch.captions_per_batch * cfg.batch.views_per_caption * trainer_world
+    return cfg.optim.base_lr * images / 256
+
+
+def deepspeed_config(cfg: Config, rows_per_rank: int, bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": rows_per_rank,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": bf16},
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Trainer:
+    """Trains the StableRep model on batches from `source` for `cfg.train.steps` steps."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        groups: JobGroups,
+        source: BatchSource,
+        device: torch.device,
+        sink: MetricSink | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.groups = groups
+        self.group = groups.trainer
+        self.source = source
+        self.device = device
+        self.sink = sink or MetricSink()
+        self.rank = get_rank(self.group)
+        self.world = get_world_size(self.group)
+        self.bf16 = use_bf16(cfg, device)
+        self.n = cfg.batch.captions_per_batch
+        self.k = cfg.batch.views_per_caption
+
+        # 1. Model, loss and augmentation; seeded identically on every trainer rank.
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, group=self.group if self.world > 1 else None)
+        self.loss_fn = StableRepLoss(cfg.loss, group=self.group if self.world > 1 else None)
+        self.augment = DeviceAugment(cfg.augment, cfg.model.image_size)
+        self.aug_generator = torch.Generator(device=device).manual_seed(
+            cfg.seed * 1000 + self.rank
+        )
+
+        # 2. DeepSpeed engine over the trainer group only (an mpu keeps it off the world group).
+        self.lr = peak_lr(cfg, self.world)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay),
+            lr=self.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+        )
+        scheduler = warmup_cosine(
+            optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.n * self.k, self.bf16),
+            mpu=TrainerMPU(groups),
+            dist_init_required=False,
+        )
+        self.step = 0
+        self.losses: list[float] = []
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.engine.optimizer.state_dict(),
+            "scheduler": self.engine.lr_scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "aug_generator": self.aug_generator.get_state(),
+            "buffer": self.source.buffer.state_dict(self.cfg.replay.checkpoint_contents),
+            "source": self.source.state_dict(),
+            "losses": list(self.losses),
+        }
+
+    def save(self) -> Path:
+        model_state = self.engine.module.state_dict() if self.rank == 0 else None
+        return ckpt.save_checkpoint(
+            self.cfg.output_dir, self.step, model_state, self._rank_state(), self.group,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of output_dir; False when there is none."""
+        path = ckpt.newest_checkpoint(self.cfg.output_dir)
+        if path is None:
+            return False
+        model_state, state, _ = ckpt.load_checkpoint(path, self.rank, self.world)
+        self.engine.module.load_state_dict(model_state)
+        self.engine.optimizer.load_state_dict(state["optimizer"])
+        self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.aug_generator.set_state(state["aug_generator"])
+        self.source.buffer.load_state_dict(state["buffer"])
+        self.source.load_state_dict(state["source"])
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+        console(f"resumed from {path} at step {self.step}", rank=self.rank)
+        return True
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def _forward_loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        images = batch.images.to(self.device, non_blocking=True)
+        views = self.augment(images, self.aug_generator)
+        if self.bf16:
+            views = views.to(torch.bfloat16)
+        text_tokens = None
+        if self.cfg.model.text_tower:
+            from online_stablerep.models.text import tokenize
+
+            text_tokens = tokenize(batch.captions, self.cfg.model.text_context_length)
+            text_tokens = text_tokens.to(self.device)
+        outputs = self.engine(views, views_per_caption=batch.views_per_caption,
+                              text_tokens=text_tokens)
+        caption_ids = batch.caption_ids.to(self.device)
+        text_ids = caption_ids[: batch.captions_per_batch] if text_tokens is not None else None
+        return self.loss_fn(outputs, caption_ids, text_caption_ids=text_ids)
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        """Mean of a scalar over the trainer group, so every rank takes the same decision."""
+        value = value.detach().float().reshape(1).clone()
+        if self.world > 1:
+            dist.all_reduce(value, group=self.group)
+            value /= self.world
+        return float(value.item())
+
+    def _log(self, terms: dict[str, torch.Tensor], loss: float, t0: float, idle0: float,
+             steps: int) -> None:
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        images_per_s = steps * self.n * self.k * self.world / elapsed
+        idle = (self.source.idle_seconds() - idle0) / elapsed
+        values = {
+            "train/loss": loss,
+            "train/lr": self.engine.lr_scheduler.get_last_lr()[0],
+            "train/images_per_s": images_per_s,
+            "train/idle_fraction": min(1.0, idle),
+        }
+        values.update({f"train/{k}": float(v) for k, v in terms.items() if k != "loss"})
+        values.update({f"buffer/{k}": v for k, v in self.source.buffer.stats().items()})
+        values.update(self.source.metrics())
+        if self.rank == 0:
+            self.sink.scalars(values, self.step)
+            console(
+                f"step {self.step}/{self.cfg.train.steps} loss {loss:.4f} "
+                f"lr {values['train/lr']:.2e} {images_per_s:.1f} img/s "
+                f"idle {values['train/idle_fraction']:.0%} "
+                f"buffer {values['buffer/groups']:.0f} reuse {values['buffer/mean_reuse']:.2f}",
+                rank=self.rank,
+            )
+
+    def _grid(self, batch: TrainBatch) -> None:
+        rows = min(4, batch.captions_per_batch)
+        groups = [batch.images[i :: batch.captions_per_batch] for i in range(rows)]
+        self.sink.image("buffer/received_groups", group_grid(groups), self.step)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train until train.steps, or until the source ends; checkpoint at interval and end."""
+        cfg = self.cfg.train
+        self.engine.train()
+        stopped = "steps"
+        last_ckpt = None
+        t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
+        while self.step < cfg.steps:
+            # 1. Batch of n caption groups x k views (None: the caption stream ended).
+            batch = self.source.next_batch()
+            if batch is None:
+                stopped = "stream ended"
+                break
+            # 2. Forward and the loss, agreed on by every trainer rank.
+            terms = self._forward_loss(batch)
+            loss = self._global_mean(terms["loss"])
+            if not math.isfinite(loss):
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss {loss} at step {self.step + 1} "
+                        "(train.on_nonfinite=skip drops such steps instead)"
+                    )
+                console(f"skipping step {self.step + 1}: non-finite loss {loss}", rank=self.rank)
+                self.engine.zero_grad()
+                continue
+            # 3. Backward and optimizer step (DeepSpeed averages gradients over the group).
+            self.engine.backward(terms["loss"])
+            self.engine.step()
+            self.step += 1
+            steps_since += 1
+            self.losses.append(loss)
+            # 4. Monitoring and checkpoints.
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(terms, loss, t0, idle0, steps_since)
+                t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
+            if self.rank == 0 and cfg.image_grid_every and self.step % cfg.image_grid_every == 0:
+                self._grid(batch)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                last_ckpt = self.save()
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
+            last_ckpt = self.save()
+        self.sink.flush()
+        return TrainResult(self.step, list(self.losses), stopped, last_ckpt)
