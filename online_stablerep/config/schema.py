@@ -110,6 +110,9 @@ class TrainConfig:
     steps: int = 109000
     # Stop after this many passes over the caption corpus (0 = no limit, steps decides).
     epochs: int = 0
+    # End this run after this many steps, checkpointing there (0 = run to train.steps); the
+    # schedule still spans train.steps, so a time-limited allocation resumes seamlessly.
+    stop_after: int = 0
     # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32".
     precision: str = "auto"
     # DeepSpeed ZeRO stage (0 or 1).

@@ -52,6 +52,8 @@ def validate(cfg: Config) -> None:
     _one_of(m.head, "model.head", ("mlp_bn", "mlp_ln"))
     _require(m.embed_dim > 0 and m.head_hidden_dim > 0, "model.embed_dim", "must be positive")
     _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    _require(m.text_heads >= 1 and m.text_width % m.text_heads == 0, "model.text_width",
+             f"{m.text_width} is not a multiple of model.text_heads={m.text_heads}")
     _require(cfg.loss.temperature > 0, "loss.temperature", f"must be > 0, got {cfg.loss.temperature}")
     _require(cfg.loss.image_weight >= 0, "loss.image_weight", "must be >= 0")
     _require(cfg.loss.text_weight >= 0, "loss.text_weight", "must be >= 0")
@@ -88,6 +90,7 @@ def validate(cfg: Config) -> None:
 
     _require(t.steps >= 1, "train.steps", "must be >= 1")
     _require(t.epochs >= 0, "train.epochs", "must be >= 0")
+    _require(t.stop_after >= 0, "train.stop_after", "must be >= 0")
     _one_of(t.precision, "train.precision", ("auto", "bf16", "fp32"))
     _one_of(t.zero_stage, "train.zero_stage", (0, 1))
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")

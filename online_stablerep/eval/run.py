@@ -8,7 +8,7 @@ import torch
 
 from online_stablerep.config import Config
 from online_stablerep.eval.probe import probe_encoders, write_probe_json
-from online_stablerep.models import build_model
+from online_stablerep.models.encoder import build_model
 from online_stablerep.monitoring.metrics import console
 from online_stablerep.training import checkpoint as ckpt
 

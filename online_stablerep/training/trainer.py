@@ -17,7 +17,7 @@ from online_stablerep.config.schema import Config
 from online_stablerep.distributed.env import get_rank, get_world_size
 from online_stablerep.distributed.groups import JobGroups, TrainerMPU
 from online_stablerep.losses import StableRepLoss
-from online_stablerep.models import build_model
+from online_stablerep.models.encoder import build_model
 from online_stablerep.monitoring.metrics import MetricSink, console, group_grid
 from online_stablerep.records import TrainBatch
 from online_stablerep.training import checkpoint as ckpt
@@ -196,7 +196,7 @@ class Trainer:
             "train/images_per_s": images_per_s,
             "train/idle_fraction": min(1.0, idle),
         }
-        values.update({f"train/{k}": float(v) for k, v in terms.items() if k != "loss"})
+        values.update({f"train/{k}": float(v.detach()) for k, v in terms.items() if k != "loss"})
         values.update({f"buffer/{k}": v for k, v in self.source.buffer.stats().items()})
         values.update(self.source.metrics())
         if self.rank == 0:
@@ -223,7 +223,10 @@ class Trainer:
         stopped = "steps"
         last_ckpt = None
         t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
-        while self.step < cfg.steps:
+        end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+        if end < cfg.steps:
+            stopped = f"stop_after={cfg.stop_after}"
+        while self.step < end:
             # 1. Batch of n caption groups x k views (None: the caption stream ended).
             batch = self.source.next_batch()
             if batch is None:
@@ -248,7 +251,7 @@ class Trainer:
             steps_since += 1
             self.losses.append(loss)
             # 4. Monitoring and checkpoints.
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == end:
                 self._log(terms, loss, t0, idle0, steps_since)
                 t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
             if self.rank == 0 and cfg.image_grid_every and self.step % cfg.image_grid_every == 0:

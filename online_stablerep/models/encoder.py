@@ -1,0 +1,110 @@
+"""The StableRep model: a timm backbone, the projection head, and StableRep++'s optional text
+tower with its learnable logit scale."""
+
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from online_stablerep.config.schema import Config
+from online_stablerep.models.head import ProjectionHead
+from online_stablerep.models.text import build_text_tower
+
+# CLIP's initial temperature 0.07, stored as a log so the optimiser can move it freely.
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+
+
+def build_backbone(name: str, image_size: int, drop_path_rate: float) -> nn.Module:
+    """Random-init timm model `name` returning pooled features (CLS token for a ViT).
+
+    Models that take an input size (ViTs: their position embedding depends on it) are built
+    for `image_size`; convolutional models take any size and refuse the argument, which is
+    how they are told apart.
+
+    Raises:
+        ValueError: when timm knows no model called `name`.
+    """
+    if not timm.is_model(name):
+        raise ValueError(f"model.backbone={name!r} is not a timm model name")
+    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
+    try:
+        return timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+    return timm.create_model(name, **kwargs)
+
+
+class StableRepModel(nn.Module):
+    """Backbone + projection head (+ text tower and logit scale for StableRep++).
+
+    Args:
+        backbone: maps (N, 3, S, S) images to (N, D) features and exposes `num_features`.
+        head: maps (N, D) features to (N, E) embeddings, BatchNorm per view chunk.
+        text_tower: maps (n, L) tokens to (n, E) embeddings, or None.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, head: ProjectionHead, text_tower: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.text_tower = text_tower
+        self.logit_scale = (
+            nn.Parameter(torch.tensor(LOGIT_SCALE_INIT)) if text_tower is not None else None
+        )
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, D) backbone features of normalised (N, 3, S, S) images: what probes evaluate."""
+        return self.backbone(images)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        views_per_caption: int,
+        text_tokens: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Embed a view-major batch (row v * n + i = view v of caption i, see TrainBatch).
+
+        Args:
+            images: (N, 3, S, S) normalised views, N = k * n.
+            views_per_caption: k; the head's BatchNorm uses one chunk of n rows per view.
+            text_tokens: (n, L) tokens of the n captions in group order (StableRep++ only).
+
+        Returns:
+            image_embed (N, E); with text tokens also text_embed (n, E) and logit_scale (a
+            scalar, the log of the logit multiplier).
+
+        Raises:
+            ValueError: when N is not a multiple of k, or text tokens come without a tower.
+        """
+        if views_per_caption < 1 or images.shape[0] % views_per_caption:
+            raise ValueError(
+                f"batch of {images.shape[0]} rows does not split into {views_per_caption} views"
+            )
+        outputs = {"image_embed": self.head(self.encode_image(images), views_per_caption)}
+        if text_tokens is not None:
+            if self.text_tower is None:
+                raise ValueError("text tokens given but model.text_tower is false")
+            outputs["text_embed"] = self.text_tower(text_tokens)
+            outputs["logit_scale"] = self.logit_scale
+        return outputs
+
+
+def build_model(cfg: Config, group: dist.ProcessGroup | None = None) -> StableRepModel:
+    """The model that cfg.model describes, with random weights.
+
+    Args:
+        cfg: the run config (model section used).
+        group: trainer data-parallel group the head's BatchNorm synchronises over.
+    """
+    m = cfg.model
+    backbone = build_backbone(m.backbone, m.image_size, m.drop_path_rate)
+    head = ProjectionHead(backbone.num_features, m.head_hidden_dim, m.embed_dim, m.head, group)
+    text_tower = build_text_tower(m) if m.text_tower else None
+    return StableRepModel(backbone, head, text_tower)

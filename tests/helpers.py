@@ -1,0 +1,56 @@
+"""Shared test helpers: run the CLI in a fresh process (DeepSpeed and torch.distributed keep
+process-wide state), and small configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# A tiny colocated procedural run: seconds per step on 2 cores.
+TINY_PROCEDURAL = [
+    "model.backbone=resnet10t",
+    "model.image_size=32",
+    "model.head_hidden_dim=64",
+    "model.embed_dim=32",
+    "batch.captions_per_batch=8",
+    "batch.views_per_caption=2",
+    "producer.images_per_caption=3",
+    "producer.output_size=32",
+    "producer.captions_per_call=8",
+    "procedural.num_categories=20",
+    "procedural.render_size=32",
+    "procedural.num_points=800",
+    "replay.capacity=32",
+    "train.log_every=1",
+    "train.image_grid_every=2",
+    "train.cpu_threads=1",
+    "eval.probe_at_end=false",
+    "optim.warmup_steps=2",
+]
+
+
+def run_cli(args: list[str], timeout: float = 300, env: dict | None = None):
+    """Run `python -m online_stablerep.cli ARGS` in a new process; returns CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        full_env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "online_stablerep.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
+
+
+def read_summary(output_dir: Path) -> dict:
+    return json.loads((Path(output_dir) / "train_summary.json").read_text())
+
+
+def tensorboard_tags(log_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    tags = acc.Tags()
+    return set(tags["scalars"]) | set(tags["images"])
