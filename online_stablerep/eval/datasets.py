@@ -1,0 +1,141 @@
+"""Labelled image sets for the probe, as uint8 batches.
+
+Two sources: the procedural held-out set (renders that training never produces) and an
+ImageFolder root in the ImageNet layout (`train/<class>/*.jpg`, `val/<class>/*.jpg`). ImageFolder
+images are decoded, resized and centre-cropped one by one while batches are drawn, so a large
+dataset is never held in memory at full resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from online_stablerep.config.schema import Config
+from online_stablerep.producers.procedural import render_images
+
+# Image indices of held-out renders start here; training uses epoch * k + j, which stays far
+# below it for any feasible run, so probe images are never training images.
+HELD_OUT_INDEX_OFFSET = 10**6
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class TensorImages:
+    """An in-memory labelled set."""
+
+    def __init__(self, images_nchw: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        if images_nchw.dtype != torch.uint8 or images_nchw.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {images_nchw.dtype} "
+                             f"{tuple(images_nchw.shape)}")
+        if labels.shape != (images_nchw.shape[0],):
+            raise ValueError(f"{images_nchw.shape[0]} images but labels of shape "
+                             f"{tuple(labels.shape)}")
+        self.images_nchw = images_nchw
+        self.labels = labels.long()
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """(b, 3, H, W) uint8 batches in label order."""
+        for lo in range(0, len(self), batch_size):
+            yield self.images_nchw[lo : lo + batch_size]
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """(3, size, size) uint8: shorter side resized to `size`, then centre-cropped."""
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class ImageFolderImages:
+    """One split of an ImageFolder root, decoded lazily while batches are drawn."""
+
+    def __init__(self, split_dir: Path, size: int, class_names: list[str] | None = None) -> None:
+        """Scan `split_dir/<class>/<image>`.
+
+        Args:
+            split_dir: e.g. `root/train`.
+            size: side of the square uint8 images yielded.
+            class_names: the label order (the train split's); None takes the sorted subfolders.
+        """
+        if not split_dir.is_dir():
+            raise ValueError(f"ImageFolder split not found: {split_dir}")
+        found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        self.class_names = found if class_names is None else class_names
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = [name for name in found if name not in index]
+        if unknown:
+            raise ValueError(f"{split_dir}: classes {unknown[:5]} are not in the train split")
+        self.paths: list[Path] = []
+        labels: list[int] = []
+        for name in found:
+            files = sorted(
+                p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            self.paths.extend(files)
+            labels.extend([index[name]] * len(files))
+        if not self.paths:
+            raise ValueError(f"{split_dir}: no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.num_classes = len(self.class_names)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """(b, 3, size, size) uint8 batches in label order, decoded on the fly."""
+        for lo in range(0, len(self.paths), batch_size):
+            yield torch.stack([load_image(p, self.size) for p in self.paths[lo : lo + batch_size]])
+
+    def load(self) -> torch.Tensor:
+        """All images as one (N, 3, size, size) uint8 tensor (small datasets only)."""
+        return torch.cat(list(self.batches(256)))
+
+
+ProbeImages = TensorImages | ImageFolderImages
+
+
+def procedural_probe_data(cfg: Config) -> tuple[TensorImages, TensorImages]:
+    """Held-out renders of every category: (train, test) with eval.train_per_class and
+    eval.test_per_class images each, at producer.output_size."""
+    num_classes = cfg.procedural.num_categories
+    n_train, n_test = cfg.eval.train_per_class, cfg.eval.test_per_class
+
+    def split(first: int, count: int) -> TensorImages:
+        categories = [c for c in range(num_classes) for _ in range(count)]
+        indices = [HELD_OUT_INDEX_OFFSET + first + j for _ in range(num_classes) for j in range(count)]
+        images = render_images(cfg, categories, indices)
+        return TensorImages(images, torch.tensor(categories), num_classes)
+
+    return split(0, n_train), split(n_train, n_test)
+
+
+def image_folder_probe_data(root: str | Path, size: int) -> tuple[ImageFolderImages, ImageFolderImages]:
+    """(train, val) splits of an ImageNet-layout root; val uses the train split's labels."""
+    root = Path(root)
+    train = ImageFolderImages(root / "train", size)
+    return train, ImageFolderImages(root / "val", size, class_names=train.class_names)
+
+
+def probe_data(cfg: Config, size: int) -> tuple[ProbeImages, ProbeImages]:
+    """(train, test) for eval.dataset; `size` is the ImageFolder load size (procedural images
+    come at producer.output_size)."""
+    if cfg.eval.dataset == "procedural":
+        return procedural_probe_data(cfg)
+    return image_folder_probe_data(cfg.eval.dataset, size)
