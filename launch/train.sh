@@ -39,8 +39,9 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 elif [[ "$gpus" -gt 0 ]]; then
   launcher+=(--num_gpus "$gpus")
 else
-  # One process per rank, each pinned to its own cores so ranks do not fight over them.
-  launcher+=(--num_gpus "${NUM_PROCS:-$cpu_ranks}" --bind_cores_to_rank)
+  # One process per rank; each pins itself to its own share of the cores (no numactl needed).
+  launcher+=(--num_gpus "${NUM_PROCS:-$cpu_ranks}")
+  export ONLINE_STABLEREP_PIN_CORES=1
 fi
 
 exec "${launcher[@]}" --module online_stablerep.cli train --config "$config" ${overrides[@]+"${overrides[@]}"}

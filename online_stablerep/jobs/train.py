@@ -45,6 +45,18 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _pin_cpu_cores() -> None:
+    """On CPU launches, give each local rank its own share of the cores so ranks do not fight
+    over them (launch/train.sh sets ONLINE_STABLEREP_PIN_CORES=1)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // local_world)
+    mine = cores[(local * share) % len(cores):][:share]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+
+
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(f"received signal {signal.Signals(signum).name}")
 
@@ -117,6 +129,8 @@ def run_job(cfg: Config) -> int:
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu" and os.environ.get("ONLINE_STABLEREP_PIN_CORES") == "1":
+        _pin_cpu_cores()
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     rank = int(os.environ["RANK"])
