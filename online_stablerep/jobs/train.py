@@ -87,17 +87,24 @@ def _run_trainer(cfg: Config, roles: Roles, groups: JobGroups, device: torch.dev
         if cfg.resume and not trainer.resume():
             console("resume=true but no complete checkpoint yet: starting fresh", rank=rank)
         result = trainer.fit()
-        if rank == 0:
-            _write_summary(cfg, result)
-            console(f"finished: {result.steps} steps ({result.stopped_because}), "
-                    f"checkpoint {result.checkpoint}", rank=rank)
-            if cfg.eval.probe_at_end:
-                from online_stablerep.eval.run import probe_after_training
-
-                probe_after_training(cfg, trainer.engine.module, device)
+    except BaseException as err:
+        # Tell generator ranks why, so they exit non-zero instead of seeing a clean stop.
+        abort = getattr(source, "abort", None)
+        if abort is not None:
+            abort(f"trainer rank {rank} failed: {err}")
+        raise
     finally:
         source.close()
         sink.close()
+    # The generators are released before the probe, which needs only the trained model.
+    if rank == 0:
+        _write_summary(cfg, result)
+        console(f"finished: {result.steps} steps ({result.stopped_because}), "
+                f"checkpoint {result.checkpoint}", rank=rank)
+        if cfg.eval.probe_at_end:
+            from online_stablerep.eval.run import probe_after_training
+
+            probe_after_training(cfg, trainer.engine.module, device)
     return 0
 
 

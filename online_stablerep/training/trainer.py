@@ -177,6 +177,15 @@ class Trainer:
         text_ids = caption_ids[: batch.captions_per_batch] if text_tokens is not None else None
         return self.loss_fn(outputs, caption_ids, text_caption_ids=text_ids)
 
+    def _all_have(self, have: bool) -> bool:
+        """True when every trainer rank has a batch: the stream may end on one rank first, and
+        a rank that went on alone would wait forever in the gradient all-reduce."""
+        if self.world == 1:
+            return have
+        flag = torch.tensor([1.0 if have else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
     def _global_mean(self, value: torch.Tensor) -> float:
         """Mean of a scalar over the trainer group, so every rank takes the same decision."""
         value = value.detach().float().reshape(1).clone()
@@ -229,7 +238,7 @@ class Trainer:
         while self.step < end:
             # 1. Batch of n caption groups x k views (None: the caption stream ended).
             batch = self.source.next_batch()
-            if batch is None:
+            if not self._all_have(batch is not None):
                 stopped = "stream ended"
                 break
             # 2. Forward and the loss, agreed on by every trainer rank.

@@ -1,1 +1,1 @@
-"""transport"""
+"""Transport of caption groups from generator ranks to trainer ranks over gloo, under credit."""

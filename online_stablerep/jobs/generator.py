@@ -1,0 +1,94 @@
+"""A generator rank's job: make caption groups and send them to trainer ranks under credit.
+
+Cursor records: every batch sent carries where the producer's stream stands, as
+{"seq": producer call number, "end": groups of that call delivered so far, "len": groups the
+call made, "before": producer state before the call, "after": state after it (only once the
+call is fully delivered)}. Trainers checkpoint the newest record they received; on resume each
+trainer sends its record (RESUME) and the generator continues from the newest one: after the
+call if it was fully delivered, else it redoes the call and drops the groups already delivered.
+So no group a trainer received is made again, and what a resume loses is only what sat unused
+in trainer buffers (or in flight) at the checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+
+from online_stablerep.config.schema import Config
+from online_stablerep.distributed.groups import JobGroups
+from online_stablerep.monitoring.metrics import console
+from online_stablerep.producers.base import Producer
+from online_stablerep.transport.sender import GeneratorLink
+
+# Seconds between the generator's console lines.
+LOG_EVERY_S = 30.0
+
+
+def run_generator(cfg: Config, groups: JobGroups, producer: Producer) -> int:
+    """Feed the trainer ranks until they stop or the caption stream ends; returns 0.
+
+    Raises:
+        TransportError: a trainer failed, aborted, or stopped answering (names the rank).
+        Exception: whatever the producer raised; trainers were told with FAIL first.
+    """
+    rank = groups.rank
+    link = GeneratorLink(groups, cfg.transport.timeout_s)
+    try:
+        # 1. Where the stream starts: fresh, or after the newest group any trainer received.
+        resume = link.wait_hello()
+        seq, skip = 0, 0
+        if resume is not None:
+            if resume["end"] >= resume["len"]:
+                producer.load_state_dict(resume["after"])
+                seq = resume["seq"]
+            else:
+                producer.load_state_dict(resume["before"])
+                seq, skip = resume["seq"] - 1, resume["end"]
+            console(f"resuming the caption stream after call {resume['seq']} "
+                    f"(group {resume['end']} of {resume['len']})", role="generator", rank=rank)
+        producer.start()
+        t0 = last_log = time.monotonic()
+        images = 0
+        while True:
+            # 2. Produce only while some trainer has room: credit bounds every buffer.
+            if not link.wait_credit():
+                break
+            before = producer.state_dict()
+            made = producer.next_groups()
+            if not made:
+                console("caption stream ended (train.epochs): END sent", role="generator",
+                        rank=rank)
+                link.finish()
+                return 0
+            seq += 1
+            after = producer.state_dict()
+            images += sum(g.num_images for g in made)
+            # 3. Send in parts as credit allows, each to the trainer holding the most credit.
+            offset, skip = skip, 0
+            while offset < len(made):
+                taken = link.take_credit(len(made) - offset)
+                if taken is None:
+                    break
+                trainer, count = taken
+                part = made[offset : offset + count]
+                offset += count
+                elapsed = max(time.monotonic() - t0, 1e-9)
+                cursor = {"seq": seq, "end": offset, "len": len(made), "before": before,
+                          "after": after if offset == len(made) else None}
+                link.send(trainer, part, {"cursor": cursor, "images_per_s": images / elapsed,
+                                          "idle_fraction": link.idle_s / elapsed})
+            # 4. A console line every so often.
+            now = time.monotonic()
+            if now - last_log >= LOG_EVERY_S:
+                elapsed = now - t0
+                console(f"{images / elapsed:.1f} img/s, idle {link.idle_s / elapsed:.0%} "
+                        f"(waiting for credit), {images} images", role="generator", rank=rank)
+                last_log = now
+        console("every trainer stopped: exiting", role="generator", rank=rank)
+        link.close()
+        return 0
+    except BaseException as err:
+        link.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        producer.close()

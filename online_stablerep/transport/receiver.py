@@ -1,0 +1,305 @@
+"""The trainer side of the transport: credits out, caption groups in, on background threads.
+
+Two threads, one per gloo group, so no group is ever driven by two threads at once:
+- the receive thread takes messages from any generator on the data plane, unpacks DATA into
+  the replay buffer and handles END and FAIL;
+- the control thread sends START/RESUME once, then CREDIT whenever the buffer has room,
+  KEEPALIVE when it has nothing else to say, and STOP at the end; it also watches that every
+  generator still answers.
+
+Credit rule: a trainer never has more groups promised than its buffer can take without
+evicting an unused one: unused groups held + credit outstanding <= replay capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from online_stablerep.distributed.groups import JobGroups
+from online_stablerep.training.replay_buffer import ReplayBuffer
+from online_stablerep.transport import messages as msg
+from online_stablerep.transport.messages import Kind, TransportError
+from online_stablerep.transport.wire import unpack_groups
+
+
+def newer_cursor(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The cursor record further along a generator's stream (by call number, then offset)."""
+    if a is None or b is None:
+        return a or b
+    return a if (a["seq"], a["end"]) >= (b["seq"], b["end"]) else b
+
+
+class Receiver:
+    """Feeds one trainer rank's replay buffer from every generator rank.
+
+    Args:
+        groups: this rank's process groups (data_plane and control are used).
+        buffer: the replay buffer to fill.
+        credits_per_generator: most groups promised to one generator at a time.
+        timeout_s: a generator silent this long (no data, no keepalive) fails the trainer.
+    """
+
+    def __init__(
+        self, groups: JobGroups, buffer: ReplayBuffer, credits_per_generator: int, timeout_s: float
+    ) -> None:
+        assert groups.data_plane is not None and groups.control is not None
+        self.groups = groups
+        self.rank = groups.rank
+        self.buffer = buffer
+        self.credits_per_generator = credits_per_generator
+        self.timeout_s = timeout_s
+        self.generators = groups.roles.generator_ranks
+        self.error: TransportError | None = None
+        self._cond = threading.Condition()
+        self._outstanding = dict.fromkeys(self.generators, 0)
+        self._last_seen = dict.fromkeys(self.generators, time.monotonic())
+        self._ended: set[int] = set()
+        self._failed: set[int] = set()
+        self._stopped: set[int] = set()
+        self._ack_failed: set[int] = set()
+        self._stop_reason: str | None = None
+        self._stopping = False
+        self._stop_called = False
+        self._cursors: dict[int, dict[str, Any]] = {}
+        self._resume: dict[int, dict[str, Any]] = {}
+        # Run-long counters per generator rank; gen stats as last reported by each generator.
+        self._groups = dict.fromkeys(self.generators, 0)
+        self._images = dict.fromkeys(self.generators, 0)
+        self._bytes = 0
+        self._idle_fraction: dict[int, float] = {}
+        self._made_rate: dict[int, float] = {}
+        self._window = (time.monotonic(), 0, dict.fromkeys(self.generators, 0))
+        self.last_arrival = time.monotonic()
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return bool(self._threads)
+
+    def start(self, resume: dict[int, dict[str, Any]] | None = None) -> None:
+        """Start both threads; `resume` maps generator rank -> cursor record to continue from."""
+        assert not self.started
+        self._resume = dict(resume or {})
+        self._cursors = dict(self._resume)
+        now = time.monotonic()
+        self._last_seen = dict.fromkeys(self.generators, now)
+        self._window = (now, 0, dict.fromkeys(self.generators, 0))
+        self.last_arrival = now
+        for target, name in ((self._receive_loop, "receive"), (self._control_loop, "control")):
+            thread = threading.Thread(target=target, name=f"transport-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, reason: str | None = None) -> None:
+        """Send STOP to every generator (a failure reason makes them exit non-zero) and wait
+        until each has answered END or FAIL, at most `timeout_s`. Only the first call acts."""
+        if self._stop_called:
+            return
+        self._stop_called = True
+        if not self.started:
+            # Generators still wait for their hello: tell them directly, nothing is in flight.
+            for g in self.generators:
+                self._send(g, Kind.STOP, blob=(reason or "").encode())
+            return
+        with self._cond:
+            self._stopping = True
+            self._stop_reason = reason
+            self._cond.notify_all()
+        # After a clean STOP every generator answers END, which ends the receive thread; after
+        # an abort they exit at once, so only the control thread is joined.
+        threads = self._threads if reason is None else self._threads[1:]
+        for thread in threads:
+            thread.join(timeout=self.timeout_s)
+
+    def notify_room(self) -> None:
+        """Wake the control thread: the trainer drew a batch, the buffer may have room."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def all_generators_ended(self) -> bool:
+        with self._cond:
+            return self._ended.union(self._failed) >= set(self.generators)
+
+    def _fail(self, text: str) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = TransportError(f"trainer rank {self.rank}: {text}")
+            self._cond.notify_all()
+
+    # ---- receive thread ----------------------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        group, timeout = self.groups.data_plane, self.timeout_s
+        while True:
+            with self._cond:
+                live = [g for g in self.generators if g not in self._ended | self._failed]
+            if not live:
+                return
+            try:
+                src, kind, args = msg.recv_message(group, None, timeout)
+            except Exception as err:
+                self._fail(f"no message from generator ranks {live}: {msg.describe_failure(err)}")
+                return
+            try:
+                self._handle(src, kind, args)
+            except Exception as err:
+                self._fail(f"receiving {kind.name} from generator rank {src}: "
+                           f"{msg.describe_failure(err)}")
+                return
+
+    def _handle(self, src: int, kind: Kind, args: list[int]) -> None:
+        group, timeout = self.groups.data_plane, self.timeout_s
+        if kind == Kind.DATA:
+            header, payload = msg.recv_data(group, src, args, timeout)
+            groups, extra = unpack_groups(header, payload)
+            meta = json.loads(extra)
+            with self._cond:
+                assert len(groups) <= self._outstanding[src], (
+                    f"generator rank {src} sent {len(groups)} groups on "
+                    f"{self._outstanding[src]} credits"
+                )
+                self.buffer.add(groups)
+                self._outstanding[src] -= len(groups)
+                self._groups[src] += len(groups)
+                self._images[src] += sum(g.num_images for g in groups)
+                self._bytes += header.numel() * 8 + payload.numel()
+                self._idle_fraction[src] = float(meta["idle_fraction"])
+                self._made_rate[src] = float(meta["images_per_s"])
+                self._cursors[src] = newer_cursor(self._cursors.get(src), meta["cursor"])
+                self.last_arrival = time.monotonic()
+        elif kind == Kind.FAIL:
+            reason = msg.recv_blob(group, src, args[0], timeout).decode("utf-8", "replace")
+            with self._cond:
+                self._failed.add(src)
+                self._ack_failed.add(src)
+            self._fail(f"generator rank {src} failed: {reason}")
+        elif kind == Kind.END:
+            with self._cond:
+                self._ended.add(src)
+                self._outstanding[src] = 0
+        elif kind != Kind.KEEPALIVE:
+            raise TransportError(f"unexpected {kind.name} message")
+        with self._cond:
+            self._last_seen[src] = time.monotonic()
+            self._cond.notify_all()
+
+    # ---- control thread ----------------------------------------------------------------------
+
+    def _grants(self) -> dict[int, int]:
+        """Credit to hand out now (under the lock): fill the buffer's free room, most-starved
+        generator first, at most credits_per_generator outstanding each."""
+        live = [g for g in self.generators if g not in self._ended | self._failed | self._stopped]
+        room = self.buffer.capacity - self.buffer.unused_count() - sum(self._outstanding.values())
+        grants = dict.fromkeys(live, 0)
+        while room > 0:
+            open_ = [g for g in live if self._outstanding[g] < self.credits_per_generator]
+            if not open_:
+                break
+            g = min(open_, key=lambda r: self._outstanding[r])
+            self._outstanding[g] += 1
+            grants[g] += 1
+            room -= 1
+        return grants
+
+    def _send(self, g: int, kind: Kind, *args: int, blob: bytes = b"") -> bool:
+        """Send on the control group; a failure marks generator `g` lost and fails the trainer."""
+        try:
+            msg.send_message(self.groups.control, g, kind, *args, blob=blob,
+                             timeout_s=self.timeout_s)
+            return True
+        except Exception as err:
+            with self._cond:
+                self._failed.add(g)
+            self._fail(f"generator rank {g}: {msg.describe_failure(err)}")
+            return False
+
+    def _control_loop(self) -> None:
+        interval = msg.keepalive_interval(self.timeout_s)
+        # 1. Hello: where each generator's stream continues (RESUME) or that it starts fresh.
+        for g in self.generators:
+            if g in self._resume:
+                self._send(g, Kind.RESUME, blob=json.dumps(self._resume[g]).encode())
+            else:
+                self._send(g, Kind.START)
+        last_sent = dict.fromkeys(self.generators, time.monotonic())
+        while True:
+            # 2. Wait for room, a stop, or the next keepalive; then decide under the lock.
+            with self._cond:
+                self._cond.wait(timeout=interval / 2)
+                now = time.monotonic()
+                silent = [g for g in self.generators if g not in self._ended | self._failed
+                          and now - self._last_seen[g] > self.timeout_s]
+                self._failed.update(silent)
+                acks = sorted(self._ack_failed - self._stopped)
+                self._stopped.update(acks)
+                stopping, reason = self._stopping, self._stop_reason
+                grants = {} if stopping else self._grants()
+                talk_to = [g for g in self.generators if g not in self._failed | self._stopped]
+            for g in silent:
+                self._fail(f"generator rank {g} stopped answering: no message for "
+                           f"{self.timeout_s:g} s (transport.timeout_s)")
+            # 3. Acknowledge FAILs with STOP so failed generators can exit.
+            for g in acks:
+                self._send(g, Kind.STOP)
+            if stopping:
+                for g in talk_to:
+                    self._send(g, Kind.STOP, blob=(reason or "").encode())
+                with self._cond:
+                    self._stopped.update(talk_to)
+                return
+            # 4. Credit where there is room, keepalives to the rest.
+            for g in talk_to:
+                if grants.get(g):
+                    self._send(g, Kind.CREDIT, grants[g])
+                elif now - last_sent[g] >= interval:
+                    self._send(g, Kind.KEEPALIVE)
+                else:
+                    continue
+                last_sent[g] = now
+
+    # ---- what the trainer reads --------------------------------------------------------------
+
+    def cursors(self) -> dict[int, dict[str, Any]]:
+        """Per generator rank, the cursor record after the last group this trainer received."""
+        with self._cond:
+            return dict(self._cursors)
+
+    def outstanding(self) -> dict[int, int]:
+        with self._cond:
+            return dict(self._outstanding)
+
+    def counters(self) -> dict[str, Any]:
+        """Run-long totals: groups and images per generator rank, bytes."""
+        with self._cond:
+            return {"groups": dict(self._groups), "images": dict(self._images),
+                    "bytes": self._bytes}
+
+    def metrics(self) -> dict[str, float]:
+        """Rates since the previous call: `transport/MB_per_s`, `gen/images_per_s` (received by
+        this trainer, total and `gen/images_per_s/rank{r}`); and as generators report them,
+        `gen/idle_fraction` (mean time share waiting for credit) and `gen/made_images_per_s`."""
+        with self._cond:
+            t0, bytes0, images0 = self._window
+            now = time.monotonic()
+            elapsed = max(now - t0, 1e-9)
+            values = {"transport/MB_per_s": (self._bytes - bytes0) / elapsed / 1e6}
+            total = 0.0
+            for g in self.generators:
+                rate = (self._images[g] - images0[g]) / elapsed
+                values[f"gen/images_per_s/rank{g}"] = rate
+                total += rate
+            values["gen/images_per_s"] = total
+            if self._idle_fraction:
+                values["gen/idle_fraction"] = sum(self._idle_fraction.values()) / len(
+                    self._idle_fraction
+                )
+                # What generators report making since their start (all trainers' share).
+                values["gen/made_images_per_s"] = sum(self._made_rate.values())
+            self._window = (now, self._bytes, dict(self._images))
+        return values
