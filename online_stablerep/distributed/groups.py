@@ -38,6 +38,8 @@ def init_distributed(device: torch.device, timeout_s: float) -> None:
     ranks outside later groups; initialising here first makes deepspeed.init_distributed
     reuse this default group.
     """
+    if device.type == "cpu":
+        _skip_deepspeed_shm_op()
     if dist.is_initialized():
         return
     backend = comm_backend(device)
@@ -50,6 +52,18 @@ def init_distributed(device: torch.device, timeout_s: float) -> None:
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
     )
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed off its CPU shared-memory all-reduce op.
+
+    DeepSpeed JIT-compiles that op whenever its comm backend starts on a CPU accelerator, and
+    here the ranks of one launch rebuild it in turn (minutes on 2 cores, every launch). Our
+    trainer collectives run on gloo anyway, which is what DeepSpeed falls back to without it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def create_groups(roles: Roles, device: torch.device, timeout_s: float) -> JobGroups:
