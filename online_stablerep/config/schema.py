@@ -129,6 +129,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     # Torch threads per process on CPU (0 = leave torch's default).
     cpu_threads: int = 0
+    # Write every batch's caption ids and each group's use count to output_dir/audit/ at the
+    # end (for tests and debugging: grows with the run).
+    audit: bool = False
 
 
 @dataclass

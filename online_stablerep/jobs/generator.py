@@ -12,7 +12,9 @@ in trainer buffers (or in flight) at the checkpoint.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from online_stablerep.config.schema import Config
 from online_stablerep.distributed.groups import JobGroups
@@ -33,6 +35,7 @@ def run_generator(cfg: Config, groups: JobGroups, producer: Producer) -> int:
     """
     rank = groups.rank
     link = GeneratorLink(groups, cfg.transport.timeout_s)
+    sent: list[list[int]] = []  # (caption_id, epoch, rank) of every group sent (train.audit)
     try:
         # 1. Where the stream starts: fresh, or after the newest group any trainer received.
         resume = link.wait_hello()
@@ -72,6 +75,7 @@ def run_generator(cfg: Config, groups: JobGroups, producer: Producer) -> int:
                 trainer, count = taken
                 part = made[offset : offset + count]
                 offset += count
+                sent.extend([g.caption_id, g.epoch, g.producer_rank] for g in part)
                 elapsed = max(time.monotonic() - t0, 1e-9)
                 cursor = {"seq": seq, "end": offset, "len": len(made), "before": before,
                           "after": after if offset == len(made) else None}
@@ -92,3 +96,7 @@ def run_generator(cfg: Config, groups: JobGroups, producer: Producer) -> int:
         raise
     finally:
         producer.close()
+        if cfg.train.audit:
+            path = Path(cfg.output_dir) / "audit" / f"generator_rank{rank}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"rank": rank, "sent": sent}))

@@ -64,7 +64,8 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 def _trainer_source(
     cfg: Config, roles: Roles, groups: JobGroups, rank: int, device: torch.device
 ) -> BatchSource:
-    buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse, seed=cfg.seed * 7919 + rank)
+    buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse, seed=cfg.seed * 7919 + rank,
+                          track_keys=cfg.train.audit)
     n, k = cfg.batch.captions_per_batch, cfg.batch.views_per_caption
     if roles.colocated:
         shard, shards = roles.producer_shard(rank)

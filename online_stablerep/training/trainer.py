@@ -3,6 +3,7 @@ serves colocated mode (producer in-process) and hybrid mode (generator ranks).""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -118,6 +119,8 @@ class Trainer:
         )
         self.step = 0
         self.losses: list[float] = []
+        # Caption ids of every batch, in group order (train.audit).
+        self.audit_batches: list[list[int]] = []
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -157,6 +160,21 @@ class Trainer:
         self.losses = list(state["losses"])
         console(f"resumed from {path} at step {self.step}", rank=self.rank)
         return True
+
+    def _write_audit(self) -> None:
+        buffer = self.source.buffer
+        audit = {
+            "rank": self.rank,
+            "batches": self.audit_batches,
+            "views_per_caption": self.k,
+            "max_reuse": buffer.max_reuse,
+            "uses": [[*key, uses] for key, uses in (buffer.uses_by_key or {}).items()],
+            "held_unused": buffer.stats()["unused"],
+            "counters": buffer.counters(),
+        }
+        path = Path(self.cfg.output_dir) / "audit" / f"trainer_rank{self.rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(audit))
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -259,6 +277,8 @@ class Trainer:
             self.step += 1
             steps_since += 1
             self.losses.append(loss)
+            if cfg.audit:
+                self.audit_batches.append(batch.caption_ids[: batch.captions_per_batch].tolist())
             # 4. Monitoring and checkpoints.
             if self.step % cfg.log_every == 0 or self.step == end:
                 self._log(terms, loss, t0, idle0, steps_since)
@@ -269,5 +289,7 @@ class Trainer:
                 last_ckpt = self.save()
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
             last_ckpt = self.save()
+        if cfg.audit:
+            self._write_audit()
         self.sink.flush()
         return TrainResult(self.step, list(self.losses), stopped, last_ckpt)

@@ -1,0 +1,179 @@
+"""Build the diffusion components a producer samples with: from a checkpoint or by architecture.
+
+We keep the components (UNet, VAE, text encoders, tokenizers, scheduler config) rather than a
+diffusers pipeline object: the sampling loop in `sampling.py` is our own, and no safety checker or
+image processor is ever loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderTiny,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from online_stablerep.config.schema import GeneratorConfig
+from online_stablerep.producers.architectures import (
+    ARCHITECTURES,
+    SD_SCHEDULER_CONFIG,
+    build_architecture,
+)
+from online_stablerep.producers.tokenizer import build_clip_tokenizer, check_vocab_size
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "ddim": DDIMScheduler,
+    "lcm": LCMScheduler,
+}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Components:
+    """The modules of one SD 1.x/2.x/XL model, on their device, in inference mode."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    # Scheduler class and the config every sampling call instantiates it from.
+    scheduler_cls: type[SchedulerMixin]
+    scheduler_config: dict[str, Any]
+    device: torch.device
+    # dtype of the UNet and text encoders.
+    dtype: torch.dtype
+    # Pixels per latent cell (8 for SD).
+    vae_scale_factor: int
+    # Generation side in pixels.
+    resolution: int
+    # SDXL only: second text encoder (with projection) and its tokenizer.
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    # SDXL: an empty negative prompt means zero embeddings, as the model was trained.
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is bf16 on GPU and fp32 on CPU (CPU half precision is slow and inexact)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def _load_checkpoint(model: str, dtype: torch.dtype) -> dict[str, Any]:
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
+    parts: dict[str, Any] = {
+        "unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer, "scheduler_config": dict(pipe.scheduler.config),
+    }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        parts["text_encoder_2"] = pipe.text_encoder_2
+        parts["tokenizer_2"] = pipe.tokenizer_2
+        parts["force_zeros"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    for key in ("tokenizer", "tokenizer_2"):
+        encoder = parts.get("text_encoder" if key == "tokenizer" else "text_encoder_2")
+        if key in parts:
+            check_vocab_size(parts[key], encoder.config.vocab_size, f"{model} ({key})")
+    return parts
+
+
+def _build_random(name: str) -> dict[str, Any]:
+    parts = build_architecture(name)
+    parts["tokenizer"] = build_clip_tokenizer(pad_token=parts.pop("pad_token", "<|endoftext|>"))
+    if "text_encoder_2" in parts:
+        parts["tokenizer_2"] = build_clip_tokenizer(pad_token=parts.pop("pad_token_2"))
+        parts["force_zeros"] = True
+    parts["scheduler_config"] = {**SD_SCHEDULER_CONFIG, **parts.pop("scheduler_overrides", {})}
+    return parts
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+           memory_format: torch.memory_format) -> None:
+    # Cast only when needed: diffusers warns on every dtype cast of a model.
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    # channels_last applies to 4-d weights (convolutions) only, so text encoders are unaffected.
+    module.to(device=device, memory_format=memory_format).eval().requires_grad_(False)
+
+
+def _set_attention(modules: list[torch.nn.Module], backend: str) -> None:
+    if backend != "xformers":
+        return  # diffusers' default processors already use torch SDPA.
+    if find_spec("xformers") is None:
+        warnings.warn(
+            "generator.attention=xformers but xformers is not installed: using SDPA",
+            stacklevel=3,
+        )
+        return
+    for module in modules:
+        module.enable_xformers_memory_efficient_attention()
+
+
+def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Components:
+    """Load `cfg.model` (checkpoint dir, hub id, or architecture name) onto `device`.
+
+    Raises:
+        ValueError: for a tokenizer with the wrong vocabulary or an unreadable tiny VAE path.
+    """
+    device = torch.device(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    parts = _build_random(cfg.model) if cfg.model in ARCHITECTURES else _load_checkpoint(
+        cfg.model, dtype)
+    unet, vae = parts["unet"], parts["vae"]
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.tiny_vae:
+        if not Path(cfg.tiny_vae).exists():
+            raise ValueError(f"generator.tiny_vae={cfg.tiny_vae!r}: no such directory")
+        vae = AutoencoderTiny.from_pretrained(cfg.tiny_vae)
+    # fp16 overflows in some VAEs (SDXL's says so in force_upcast): decode those in fp32.
+    upcast_vae = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    vae_dtype = torch.float32 if upcast_vae else dtype
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if "text_encoder_2" in parts
+                                          else [])
+    for module, module_dtype in [(unet, dtype), (vae, vae_dtype)] + [(e, dtype) for e in encoders]:
+        _place(module, device, module_dtype, memory_format)
+    _set_attention([unet, vae], cfg.attention)
+    sample_size = int(unet.config.sample_size)
+    if cfg.compile:
+        # Shapes are fixed by padding every call to producer.captions_per_call captions.
+        unet = torch.compile(unet, dynamic=False)
+    resolution = cfg.resolution or sample_size * vae_scale_factor
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        scheduler_cls=SCHEDULERS[cfg.scheduler],
+        scheduler_config=parts["scheduler_config"],
+        device=device,
+        dtype=dtype,
+        vae_scale_factor=vae_scale_factor,
+        resolution=resolution,
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
+        force_zeros_for_empty_prompt=parts.get("force_zeros", False),
+    )

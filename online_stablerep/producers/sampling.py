@@ -1,0 +1,194 @@
+"""Our own sampling loop: n captions x k images per call, per-row guidance, reproducible noise.
+
+It does what `StableDiffusionPipeline.__call__` does for the same latents, scheduler, steps and
+guidance (tests/test_diffusion.py checks equality), minus what a producer does not need: no
+safety checker, no PIL or numpy round trips, the negative prompt encoded once, each caption
+encoded once for its k images, the output resized and quantised on the device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from online_stablerep.producers.pipeline import Components
+
+# channels_last convolutions silently return zeros when a tensor has 2^31 elements or more.
+_MAX_ELEMENTS = 2**31
+
+
+def image_seed(seed: int, caption_id: int, image_index: int) -> int:
+    """The noise seed of image `image_index` of caption `caption_id`: a pure function."""
+    state = np.random.SeedSequence([seed, caption_id, image_index]).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def guidance_for_caption(seed: int, caption_id: int, scales: list[float]) -> float:
+    """The guidance scale of caption `caption_id`, drawn from `scales` by (seed, caption id)."""
+    if len(scales) == 1:
+        return float(scales[0])
+    rng = np.random.default_rng([seed, caption_id, 1])
+    return float(scales[int(rng.integers(len(scales)))])
+
+
+def initial_noise(seed: int, caption_ids: list[int], k: int, latent_chw: tuple[int, int, int]
+                  ) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Noise for k images of each caption, each image from its own CPU generator.
+
+    Returns:
+        (n * k, C, h, w) fp32 CPU noise, caption-major, and the n * k generators (their state
+        continues into stochastic scheduler steps, so those stay reproducible too).
+    """
+    generators = [torch.Generator().manual_seed(image_seed(seed, c, j))
+                  for c in caption_ids for j in range(k)]
+    noise = torch.cat([torch.randn((1, *latent_chw), generator=g) for g in generators])
+    return noise, generators
+
+
+def _guidance_embedding(w_b: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM-distilled UNets take (guidance - 1) as a sinusoidal timestep condition."""
+    w_b = w_b * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=w_b.device) * -(math.log(10000.0) / (half - 1)))
+    emb = w_b[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
+
+
+class Sampler:
+    """Turns captions into uint8 image groups with the given components."""
+
+    def __init__(self, components: Components, steps: int, negative_prompt: str = "",
+                 vae_decode_chunk: int = 0) -> None:
+        self.c = components
+        self.steps = steps
+        self.vae_decode_chunk = vae_decode_chunk
+        self.scheduler = components.scheduler_cls.from_config(components.scheduler_config)
+        step_params = inspect.signature(self.scheduler.step).parameters
+        self._step_takes_generator = "generator" in step_params
+        self._time_cond_dim = components.unet.config.time_cond_proj_dim
+        self.negative = self._encode_negative(negative_prompt)
+
+    @torch.inference_mode()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning: (n, 77, D) embeddings and, for SDXL, (n, D2) pooled embeddings."""
+        c = self.c
+        if not c.is_sdxl:
+            tokens = c.tokenizer(captions, padding="max_length", truncation=True,
+                                 max_length=c.tokenizer.model_max_length, return_tensors="pt")
+            mask = None
+            if getattr(c.text_encoder.config, "use_attention_mask", False):
+                mask = tokens.attention_mask.to(c.device)
+            return c.text_encoder(tokens.input_ids.to(c.device), attention_mask=mask)[0], None
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
+            tokens = tokenizer(captions, padding="max_length", truncation=True,
+                               max_length=tokenizer.model_max_length, return_tensors="pt")
+            out = encoder(tokens.input_ids.to(c.device), output_hidden_states=True)
+            pooled = out[0]  # the last encoder's projected pooled output
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def _encode_negative(self, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds, pooled = self.encode([negative_prompt])
+        if self.c.force_zeros_for_empty_prompt and not negative_prompt:
+            embeds = torch.zeros_like(embeds)
+            pooled = torch.zeros_like(pooled) if pooled is not None else None
+        return embeds, pooled
+
+    @torch.inference_mode()
+    def denoise(self, latents: torch.Tensor, cond: torch.Tensor, pooled: torch.Tensor | None,
+                guidance_b: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Run the scheduler's steps from initial noise.
+
+        Args:
+            latents: (B, C, h, w) unscaled initial noise on any device.
+            cond: (B, 77, D) text embeddings, one row per image.
+            pooled: (B, D2) SDXL pooled text embeddings, else None.
+            guidance_b: (B,) guidance scale per image; rows <= 1 need no unconditional branch.
+            generators: B CPU generators for stochastic scheduler steps.
+
+        Returns:
+            (B, C, h, w) fp32 final latents.
+        """
+        c, batch = self.c, latents.shape[0]
+        # With an LCM-distilled UNet guidance is an input, not a second pass.
+        cfg = self._time_cond_dim is None and bool((guidance_b > 1).any())
+        guidance_b = guidance_b.to(c.device, torch.float32)
+        timestep_cond = None
+        if self._time_cond_dim is not None:
+            timestep_cond = _guidance_embedding(guidance_b - 1, self._time_cond_dim).to(c.dtype)
+        if cfg:
+            # One batched call [uncond; cond]. Rows with guidance <= 1 take scale 1 (= cond).
+            scale = guidance_b.clamp(min=1.0).view(batch, 1, 1, 1)
+            cond = torch.cat([self.negative[0].expand(batch, -1, -1), cond])
+            if pooled is not None:
+                pooled = torch.cat([self.negative[1].expand(batch, -1), pooled])
+        added = None
+        if c.is_sdxl:
+            side = c.resolution
+            time_ids = torch.tensor([[side, side, 0, 0, side, side]], device=c.device,
+                                    dtype=c.dtype).expand(cond.shape[0], -1)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+        self.scheduler.set_timesteps(self.steps, device=c.device)
+        step_kwargs = {"generator": generators} if self._step_takes_generator else {}
+        # Latents stay fp32 between steps; only the UNet runs in the model dtype.
+        latents = latents.to(c.device, torch.float32) * self.scheduler.init_noise_sigma
+        for t in self.scheduler.timesteps:
+            x = torch.cat([latents, latents]) if cfg else latents
+            x = self.scheduler.scale_model_input(x, t).to(c.dtype)
+            eps = c.unet(x, t, encoder_hidden_states=cond, timestep_cond=timestep_cond,
+                         added_cond_kwargs=added, return_dict=False)[0].float()
+            if cfg:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + scale * (eps_cond - eps_uncond)
+            latents = self.scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents -> (B, 3, H, W) fp32 images in [0, 1], in VAE chunks."""
+        vae = self.c.vae
+        vae_dtype = next(vae.parameters()).dtype
+        chunk = self.vae_decode_chunk or latents.shape[0]
+        widths = getattr(vae.config, "block_out_channels", None) or vae.config.decoder_block_out_channels
+        side = latents.shape[-1] * self.c.vae_scale_factor
+        if chunk * max(widths[:2]) * side * side >= _MAX_ELEMENTS:
+            raise ValueError(
+                f"generator.vae_decode_chunk={self.vae_decode_chunk}: decoding {chunk} images of "
+                f"{side} px at once passes 2^31 elements per activation (channels_last convs then "
+                "return zeros); lower it"
+            )
+        images = [
+            vae.decode(z.to(vae_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            for z in latents.split(chunk)
+        ]
+        return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
+
+    def generate(self, captions: list[str], caption_ids: list[int], guidance: list[float],
+                 k: int, seed: int, output_size: int) -> torch.Tensor:
+        """k images for each of n captions in one batched call.
+
+        Returns:
+            (n, k, 3, output_size, output_size) uint8 on the components' device.
+        """
+        c, n = self.c, len(captions)
+        cond, pooled = self.encode(captions)
+        cond = cond.repeat_interleave(k, dim=0)
+        pooled = pooled.repeat_interleave(k, dim=0) if pooled is not None else None
+        side = c.resolution // c.vae_scale_factor
+        channels = c.unet.config.in_channels
+        noise, generators = initial_noise(seed, caption_ids, k, (channels, side, side))
+        guidance_b = torch.tensor(guidance, dtype=torch.float32).repeat_interleave(k)
+        latents = self.denoise(noise, cond, pooled, guidance_b, generators)
+        images = self.decode(latents)
+        with torch.inference_mode():
+            if images.shape[-1] != output_size:
+                images = F.interpolate(images, size=(output_size, output_size), mode="bilinear",
+                                       antialias=True, align_corners=False)
+            images = (images * 255).round_().to(torch.uint8)
+        return images.view(n, k, 3, output_size, output_size)

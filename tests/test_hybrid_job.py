@@ -1,0 +1,87 @@
+"""The hybrid job with real processes on gloo: generator ranks feed trainer ranks.
+
+Accounting comes from `train.audit=true`: trainers write every batch's caption ids and each
+group's use count, generators every group they sent.
+"""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY_PROCEDURAL, read_summary
+from tests.jobs import read_logs, start_ranks, wait_all
+
+pytestmark = pytest.mark.slow
+
+N, K, R = 4, 2, 2
+
+
+def job_args(out: Path, generators: int, *extra: str) -> list[str]:
+    return ["--config", "cpu_procedural", f"output_dir={out}", *TINY_PROCEDURAL,
+            f"roles.generators={generators}", f"batch.captions_per_batch={N}",
+            f"batch.views_per_caption={K}", f"replay.max_reuse={R}", "replay.capacity=16",
+            "producer.captions_per_call=4", "transport.credits_per_generator=4",
+            "train.audit=true", "optim.lr=0.01", "transport.timeout_s=60", *extra]
+
+
+def check_accounting(out: Path, trainers: int, generators: int) -> None:
+    audit = out / "audit"
+    sent = set()
+    for g in range(trainers, trainers + generators):
+        sent |= {tuple(key) for key in json.loads((audit / f"generator_rank{g}.json").read_text())["sent"]}
+    received_total = 0
+    for t in range(trainers):
+        a = json.loads((audit / f"trainer_rank{t}.json").read_text())
+        for ids in a["batches"]:
+            assert len(ids) == N and len(set(ids)) == N  # n distinct caption groups per batch
+        uses = {tuple(u[:3]): u[3] for u in a["uses"]}
+        assert max(uses.values()) <= R  # no group used more than R times
+        assert set(uses) <= sent  # everything trained on was made by a generator
+        counters = a["counters"]
+        assert counters["evicted_unused"] == 0
+        # every group a trainer received was trained on or is still held unused
+        assert counters["groups_added"] == len(uses) + a["held_unused"]
+        received_total += counters["groups_added"]
+    # only groups in flight at the stop can be lost: bounded by the credit granted
+    assert 0 <= len(sent) - received_total <= 4 * trainers * generators
+
+
+@pytest.mark.parametrize("trainers, generators", [(1, 2), (2, 1)])
+def test_hybrid_job_trains_on_every_batch_shape_and_accounts_for_groups(tmp_path, trainers, generators):
+    out = tmp_path / "run"
+    procs = start_ranks(trainers + generators, job_args(out, generators, "train.steps=16"), tmp_path / "logs")
+    codes = wait_all(procs, timeout=240)
+    assert codes == [0] * len(procs), read_logs(tmp_path / "logs")[-4000:]
+    check_accounting(out, trainers, generators)
+    losses = read_summary(out)["losses"]
+    assert len(losses) == 16 and all(map(lambda x: x == x and abs(x) < 1e6, losses))
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # learning with the procedural producer
+
+
+def test_killed_generator_stops_every_rank_and_resume_works(tmp_path):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    args = job_args(out, 2, "train.steps=400", "train.checkpoint_every=3", "transport.timeout_s=20")
+    procs = start_ranks(3, args, logs)
+    deadline = time.monotonic() + 180
+    while not list((out / "checkpoints").glob("step_*/meta.json")):
+        assert time.monotonic() < deadline, read_logs(logs)[-3000:]
+        assert all(p.poll() is None for p in procs), read_logs(logs)[-3000:]
+        time.sleep(0.5)
+    os.kill(procs[2].pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    codes = wait_all(procs[:2], timeout=60)
+    assert time.monotonic() - killed_at < 45  # within transport.timeout_s plus teardown
+    assert codes == [1, 1], read_logs(logs)[-4000:]
+    assert "rank 2" in (logs / "rank0.log").read_text()
+    # the newest complete checkpoint survived; a resumed job continues from it
+    done = sorted(int(p.parent.name[5:]) for p in (out / "checkpoints").glob("step_*/meta.json"))
+    resumed = start_ranks(3, job_args(out, 2, f"train.steps={done[-1] + 3}", "resume=true"),
+                          tmp_path / "logs2")
+    codes = wait_all(resumed, timeout=180)
+    assert codes == [0, 0, 0], read_logs(tmp_path / "logs2")[-4000:]
+    assert "resumed from" in (tmp_path / "logs2" / "rank0.log").read_text()
+    assert read_summary(out)["steps"] == done[-1] + 3
