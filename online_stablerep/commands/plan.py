@@ -40,50 +40,62 @@ def _read_results(path: str) -> dict:
     if not file.is_file():
         raise ValueError(f"--from-results: no such file {path}")
     try:
-        data = json.loads(file.read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"--from-results {path}: not JSON ({err})") from None
-    for key in ("benchmark", "machine", "summary", "rows"):
-        if key not in data:
-            raise ValueError(f"--from-results {path}: missing top-level key {key!r}")
-    return data
+
+
+def _field(data: dict, key: str, path: str) -> object:
+    if key not in data:
+        raise ValueError(f"--from-results {path}: missing key {key!r}")
+    return data[key]
 
 
 def _trainer_rate(data: dict, path: str, cfg: Config) -> float:
-    """DeepSpeed-engine views/s of the config's backbone at its image size."""
+    """DeepSpeed-engine views/s of the config's backbone at its image size
+    (benchmarks/trainer.py's rows)."""
     m = cfg.model
-    for row in data["rows"]:
+    rows = _field(data, "rows", path)
+    for row in rows:
         if (row.get("engine") == "deepspeed" and row.get("backbone") == m.backbone
                 and row.get("image_size") == m.image_size):
             return float(row["images_per_s"])
-    measured = sorted({f"{r.get('backbone')}@{r.get('image_size')}" for r in data["rows"]})
+    measured = sorted({f"{r.get('backbone')}@{r.get('image_size')}" for r in rows})
     raise ValueError(
         f"--from-results {path}: no deepspeed row for model.backbone={m.backbone} at "
         f"model.image_size={m.image_size} (measured: {', '.join(measured)})"
     )
 
 
-def _generator_rate(data: dict, path: str) -> float:
-    if "images_per_s" not in data["summary"]:
-        raise ValueError(f"--from-results {path}: summary has no 'images_per_s'")
-    return float(data["summary"]["images_per_s"])
+def _generator_rate(data: dict, path: str, cfg: Config) -> float:
+    """The producer's images/s at the default settings of benchmarks/generator.py, which must
+    have measured the config's generator model and step count."""
+    settings = _field(data, "settings", path)
+    for key in ("model", "steps"):
+        if key in settings and settings[key] != getattr(cfg.generator, key):
+            raise ValueError(
+                f"--from-results {path}: measured {key}={settings[key]!r}, the config has "
+                f"generator.{key}={getattr(cfg.generator, key)!r}"
+            )
+    return float(_field(data, "ours_images_per_s", path))
 
 
 def resolve_rates(args: argparse.Namespace, cfg: Config) -> tuple[float, str, float, str]:
     """(gen images/s, its source, train views/s, its source) per GPU: flags first, then results
-    files, then the FLOP model."""
+    files (named generator-*.json or trainer-*.json by the benchmarks), then the FLOP model."""
     gen = train = None
     gen_source = train_source = ""
     for path in args.from_results:
         data = _read_results(path)
-        where = f"measured: {path} on {data['machine']}"
-        if data["benchmark"] == "trainer":
+        kind = Path(path).name.split("-")[0]
+        where = f"measured: {path} on {_field(data, 'machine', path)}"
+        if kind == "trainer":
             train, train_source = _trainer_rate(data, path, cfg), where
-        elif data["benchmark"] == "generator":
-            gen, gen_source = _generator_rate(data, path), where
+        elif kind == "generator":
+            gen, gen_source = _generator_rate(data, path, cfg), where
         else:
-            raise ValueError(f"--from-results {path}: benchmark {data['benchmark']!r} holds "
-                             "neither generator nor trainer rates")
+            raise ValueError(f"--from-results {path}: expected a generator-*.json or "
+                             "trainer-*.json file of benchmarks/")
     if args.gen_images_per_s is not None:
         gen, gen_source = args.gen_images_per_s, "measured: --gen-images-per-s"
     if args.train_images_per_s is not None:

@@ -35,7 +35,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _single_process_env() -> None:
+def single_process_env() -> None:
     """Let `online-stablerep train` run without a launcher as a world of one rank."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -133,7 +133,7 @@ def _run_generator(cfg: Config, roles: Roles, groups: JobGroups, device: torch.d
 def run_job(cfg: Config) -> int:
     """Run this rank's part of the job; returns the process exit code."""
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    _single_process_env()
+    single_process_env()
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one prepared GPU session (see docs/performance.md): run from the repository root on a
+# machine with one CUDA GPU. Wheels for packages the machine lacks may be carried in .whl/.
+# Results go to benchmarks/results/ and, when $OUT is set, are copied there.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+  export PATH=/tmp/site/bin:$PATH
+fi
+out=${OUT:-benchmarks/results}
+log=$out/gpu_session.log
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, go on whatever happens
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s) $(date +%T)" | tee -a "$log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tail -n 40 | tee -a "$log"
+  echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
+python3 -c "import torch, diffusers, deepspeed, timm; print(torch.__version__, diffusers.__version__, deepspeed.__version__, timm.__version__)" 2>&1 | tail -1 | tee -a "$log"
+step gpu-tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+step generator "${GEN_S:-200}" python3 benchmarks/generator.py --device cuda
+step trainer "${TRAIN_S:-100}" python3 benchmarks/trainer.py --device cuda
+# The hybrid job on one GPU: rank 0 trains, rank 1 generates (both on cuda:0, NCCL trainer
+# group of one, images over gloo).
+step hybrid-job "${HYBRID_S:-100}" python3 -m torch.distributed.run --nproc_per_node 2 \
+  -m online_stablerep.cli train --config cpu_demo output_dir=/tmp/hybrid_gpu \
+  roles.generators=1 train.steps=30 train.log_every=5 generator.dtype=bf16 train.precision=bf16
+if [[ "$out" != benchmarks/results ]]; then
+  cp benchmarks/results/*-nvidia-* "$out"/ 2>/dev/null
+fi
+ls -la "$out"

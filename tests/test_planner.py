@@ -1,0 +1,156 @@
+"""The split planner against closed forms, its CLI, and the FLOP model against published figures."""
+
+import json
+import math
+
+import pytest
+
+from online_stablerep.cli import main as cli_main
+from online_stablerep.config import load_config
+from online_stablerep.planning import plan_deviation, plan_split
+from online_stablerep.planning.flops import (
+    count_diffusion_flops,
+    flops_per_generated_image,
+    train_flops_per_view,
+)
+
+
+def hybrid_plan(g, t, gpus=4, n=4, k=2, m=2, budget=100.0, nodes=1):
+    return plan_split(g, t, gpus, nodes, n, k, m, budget, include_colocated=False)
+
+
+def test_required_reuse_is_demand_over_supply():
+    plan = hybrid_plan(g=10.0, t=30.0)
+    for split in plan.candidates:
+        assert split.required_reuse == pytest.approx(split.trainers * 30.0 / (split.generators * 10))
+    # Groups of m images, k views per use: group reuse scales by m / k.
+    plan = hybrid_plan(g=10.0, t=30.0, k=5, m=10)
+    assert plan.split_for("1").required_reuse == pytest.approx(3 * 30 / 10 * 10 / 5)
+
+
+def test_trainer_bound_split_keeps_trainers_busy_with_least_reuse_cap():
+    plan = hybrid_plan(g=100.0, t=100.0, budget=4)
+    best = plan.best
+    assert plan.feasible and (best.generators, best.trainers) == (1, 3)
+    assert best.trainer_utilisation == pytest.approx(1.0)
+    assert best.views_per_s == pytest.approx(300.0)
+    assert best.mean_reuse == pytest.approx(3.0) and best.max_reuse == 3
+    assert best.steps_per_s == pytest.approx(300.0 / (4 * 2 * 3))
+    assert best.capacity == 2 * 4 * 3
+    assert plan.overrides() == ["roles.generators=1", "replay.max_reuse=3", "replay.capacity=24"]
+
+
+def test_generators_bottleneck_caps_reuse_and_idles_trainers():
+    plan = hybrid_plan(g=10.0, t=100.0, budget=2)
+    best = plan.best
+    assert (best.generators, best.trainers) == (3, 1)
+    assert best.views_per_s == pytest.approx(3 * 10 * 2)  # supply x reuse cap
+    assert best.trainer_utilisation == pytest.approx(0.6)
+    assert best.generator_utilisation == pytest.approx(1.0)
+    assert best.mean_reuse == 2.0 and best.max_reuse == 2
+    assert not plan.feasible
+    assert "INFEASIBLE" in plan.message
+    assert "least-reuse split (3 generator(s), 1 trainer(s)) needs mean reuse 3.3" in plan.message
+
+
+def test_colocated_time_shares_every_gpu():
+    plan = plan_split(10.0, 100.0, 4, 1, 4, 2, 2, 2.0)
+    colocated = plan.split_for("0")
+    # One group use costs k/t training + m/(R g) generating seconds on each GPU.
+    uses_per_s = 4 / (2 / 100 + 2 / (2 * 10))
+    assert colocated.views_per_s == pytest.approx(uses_per_s * 2)
+    assert plan.best is colocated and plan.best_hybrid.roles_spec == "3"
+    assert math.isinf(colocated.required_reuse)
+
+
+def test_multi_node_roles_are_per_node():
+    plan = hybrid_plan(g=100.0, t=100.0, nodes=2, budget=4)
+    assert plan.best.roles_spec == "1/node" and plan.best.trainers == 6
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="reuse budget"):
+        plan_split(1.0, 1.0, 2, 1, 4, 2, 2, 0.5)
+    with pytest.raises(ValueError, match="gen_images_per_s"):
+        plan_split(0.0, 1.0, 2, 1, 4, 2, 2, 2.0)
+
+
+def test_deviation_names_each_figure_against_the_plan():
+    plan = hybrid_plan(g=100.0, t=100.0, budget=4)
+    line = plan_deviation(plan, {"train/images_per_s": 270.0, "buffer/mean_reuse": 3.0,
+                                 "train/idle_fraction": 0.1})
+    assert "trained views/s 270 (plan 300, -10%)" in line
+    assert "mean reuse 3 (plan 3, +0%)" in line and "trainer idle 10% (plan 0%)" in line
+    assert "measured" in line
+    assert "(plan 200," in plan_deviation(plan, {"train/images_per_s": 200.0}, roles_spec="2")
+
+
+def run_plan(capsys, *argv):
+    code = cli_main(["plan", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_estimates_from_flops_and_says_so(capsys):
+    code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "--gpus", "8")
+    assert code == 0
+    assert "ESTIMATED: 34.6 TFLOP/image" in out and "figures are ESTIMATED" in out
+    overrides = out.split("overrides: ")[1].splitlines()[0].split()
+    cfg = load_config("sd15_vitb16", overrides)
+    assert cfg.replay.max_reuse >= 1 and cfg.replay.capacity >= cfg.batch.captions_per_batch
+
+
+def test_cli_measured_rates_are_labelled_measured(capsys, tmp_path):
+    code, out, _ = run_plan(capsys, "--config", "cpu_demo", "--gpus", "2",
+                            "--gen-images-per-s", "40", "--train-images-per-s", "60",
+                            "--reuse-budget", "2", "--no-colocated")
+    assert code == 0 and "ESTIMATED" not in out and "from measured rates" in out
+    launch = out.split("launch:    launch/train.sh ")[1].split()
+    assert launch[:2] == ["--config", "cpu_demo"]
+    cfg = load_config("cpu_demo", launch[2:])
+    assert cfg.roles.generators == "1" and cfg.replay.max_reuse == 2
+
+
+def test_cli_reads_benchmark_results(capsys, tmp_path):
+    trainer = tmp_path / "trainer-x.json"
+    trainer.write_text(json.dumps({
+        "benchmark": "trainer", "machine": "cpu-2core", "summary": {},
+        "rows": [{"engine": "deepspeed", "backbone": "vit_tiny_patch16_224", "image_size": 32,
+                  "images_per_s": 60.0}]}))
+    generator = tmp_path / "generator-x.json"
+    generator.write_text(json.dumps({"machine": "cpu-2core", "ours_images_per_s": 40.0,
+                                     "settings": {"model": "tiny", "steps": 4}}))
+    code, out, _ = run_plan(capsys, "--config", "cpu_demo", "--gpus", "2",
+                            "--from-results", str(trainer), str(generator))
+    assert code == 0 and f"[measured: {trainer} on cpu-2core]" in out
+    assert "40 images/s per GPU" in out and "ESTIMATED" not in out
+    code, _, err = run_plan(capsys, "--config", "cpu_demo", "model.image_size=64",
+                            "--from-results", str(trainer))
+    assert code == 2 and "no deepspeed row for model.backbone=vit_tiny_patch16_224" in err
+    code, _, err = run_plan(capsys, "--config", "cpu_demo", "generator.steps=8",
+                            "--from-results", str(generator))
+    assert code == 2 and "measured steps=4, the config has generator.steps=8" in err
+
+
+def test_cli_bad_config_exits_2(capsys):
+    code, _, err = run_plan(capsys, "--config", "cpu_demo", "batch.views_per_caption=1")
+    assert code == 2 and "batch.views_per_caption" in err
+    code, _, err = run_plan(capsys, "--from-results", "/nonexistent.json")
+    assert code == 2 and "no such file" in err
+
+
+def test_flop_model_reproduces_published_sd15_figures():
+    counted = count_diffusion_flops("sd15", 512)
+    assert counted.unet_forward == pytest.approx(803e9, rel=0.01)
+    assert counted.vae_decode == pytest.approx(2.5e12, rel=0.02)
+    per_image = flops_per_generated_image(counted, steps=20, guidance_scales=[2.0],
+                                          images_per_caption=10)
+    assert per_image == pytest.approx(34.7e12, rel=0.01)
+    no_cfg = flops_per_generated_image(counted, 20, [1.0], 10)
+    assert no_cfg == pytest.approx(counted.unet_forward * 20 + counted.vae_decode, rel=0.001)
+
+
+def test_vit_b16_view_costs_three_forwards():
+    # timm's often-quoted 17.6 "GFLOPs" for ViT-B/16 are multiply-adds: 35 GFLOP forward.
+    cfg = load_config("sd15_vitb16", ["batch.captions_per_batch=2", "batch.views_per_caption=2"])
+    assert 100e9 < train_flops_per_view(cfg) < 110e9
