@@ -229,6 +229,16 @@ class TransportConfig:
 
 
 @dataclass
+class PlanConfig:
+    # Generator images/s per GPU the job was planned with (0 = no plan: nothing compared).
+    gen_images_per_s: float = 0.0
+    # Trainer views/s per GPU the job was planned with.
+    train_images_per_s: float = 0.0
+    # Whether those figures were "measured" or "estimated" (shown in the comparison).
+    source: str = "measured"
+
+
+@dataclass
 class EvalConfig:
     # Run the linear probe and k-NN at the end of training.
     probe_at_end: bool = False
@@ -271,4 +281,5 @@ class Config:
     roles: RolesConfig = field(default_factory=RolesConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -129,6 +129,12 @@ def validate(cfg: Config) -> None:
     _require(cfg.transport.timeout_s > 0, "transport.timeout_s", "must be > 0")
     parse_generators(cfg.roles.generators)
 
+    _require(cfg.plan.gen_images_per_s >= 0 and cfg.plan.train_images_per_s >= 0,
+             "plan.gen_images_per_s", "rates must be >= 0")
+    _require((cfg.plan.gen_images_per_s > 0) == (cfg.plan.train_images_per_s > 0),
+             "plan.train_images_per_s", "give both plan rates or neither")
+    _one_of(cfg.plan.source, "plan.source", ("measured", "estimated"))
+
     e = cfg.eval
     _require(e.train_per_class >= 1 and e.test_per_class >= 1, "eval.train_per_class",
              "must be >= 1")

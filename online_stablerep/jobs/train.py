@@ -77,6 +77,30 @@ def _trainer_source(
     return build_hybrid_source(cfg, groups, buffer)
 
 
+def _plan_comparison(cfg: Config, roles: Roles):
+    """A function that says how far logged figures are from `plan.*`, or None without a plan."""
+    if not cfg.plan.gen_images_per_s:
+        return None
+    from online_stablerep.planning.planner import plan_deviation, plan_split
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", roles.world_size))
+    label = "measured" if cfg.plan.source == "measured" else "ESTIMATED"
+    plan = plan_split(
+        cfg.plan.gen_images_per_s, cfg.plan.train_images_per_s, local,
+        max(1, roles.world_size // local), cfg.batch.captions_per_batch,
+        cfg.batch.views_per_caption, cfg.producer.images_per_caption,
+        reuse_budget=float(cfg.replay.max_reuse), gen_source=label, train_source=label,
+    )
+
+    def compare(values: dict[str, float]) -> str:
+        try:
+            return plan_deviation(plan, values, roles_spec=cfg.roles.generators)
+        except ValueError:
+            return plan_deviation(plan, values)
+
+    return compare
+
+
 def _run_trainer(cfg: Config, roles: Roles, groups: JobGroups, device: torch.device) -> int:
     rank = groups.rank
     source = _trainer_source(cfg, roles, groups, rank, device)
@@ -84,7 +108,7 @@ def _run_trainer(cfg: Config, roles: Roles, groups: JobGroups, device: torch.dev
     if rank == 0:
         sink = TensorBoardSink(Path(cfg.output_dir) / "tensorboard" / "train")
     try:
-        trainer = Trainer(cfg, groups, source, device, sink)
+        trainer = Trainer(cfg, groups, source, device, sink, _plan_comparison(cfg, roles))
         if cfg.resume and not trainer.resume():
             console("resume=true but no complete checkpoint yet: starting fresh", rank=rank)
         result = trainer.fit()

@@ -95,6 +95,9 @@ class Plan:
             f"roles.generators={split.roles_spec}",
             f"replay.max_reuse={split.max_reuse}",
             f"replay.capacity={split.capacity}",
+            f"plan.gen_images_per_s={self.gen_images_per_s:.6g}",
+            f"plan.train_images_per_s={self.train_views_per_s:.6g}",
+            f"plan.source={'estimated' if self.estimated else 'measured'}",
         ]
 
     def split_for(self, roles_spec: str) -> Split:

@@ -7,6 +7,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ class Trainer:
         source: BatchSource,
         device: torch.device,
         sink: MetricSink | None = None,
+        compare: Callable[[dict[str, float]], str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.groups = groups
@@ -84,6 +86,8 @@ class Trainer:
         self.source = source
         self.device = device
         self.sink = sink or MetricSink()
+        # Turns the logged figures into a console line comparing them with the plan.
+        self.compare = compare
         self.rank = get_rank(self.group)
         self.world = get_world_size(self.group)
         self.bf16 = use_bf16(cfg, device)
@@ -235,6 +239,8 @@ class Trainer:
                 f"buffer {values['buffer/groups']:.0f} reuse {values['buffer/mean_reuse']:.2f}",
                 rank=self.rank,
             )
+            if self.compare is not None:
+                console(self.compare(values), rank=self.rank)
 
     def _grid(self, batch: TrainBatch) -> None:
         rows = min(4, batch.captions_per_batch)
