@@ -85,3 +85,17 @@ def test_killed_generator_stops_every_rank_and_resume_works(tmp_path):
     assert codes == [0, 0, 0], read_logs(tmp_path / "logs2")[-4000:]
     assert "resumed from" in (tmp_path / "logs2" / "rank0.log").read_text()
     assert read_summary(out)["steps"] == done[-1] + 3
+
+
+def test_sigterm_on_the_trainer_stops_the_generator_with_the_reason(tmp_path):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    procs = start_ranks(2, job_args(out, 1, "train.steps=100000", "transport.timeout_s=30"), logs)
+    deadline = time.monotonic() + 120
+    while "step 1/" not in (logs / "rank0.log").read_text():
+        assert time.monotonic() < deadline and procs[0].poll() is None, read_logs(logs)[-3000:]
+        time.sleep(0.5)
+    procs[0].send_signal(signal.SIGTERM)
+    codes = wait_all(procs, timeout=60)
+    assert codes == [1, 1], read_logs(logs)[-3000:]
+    assert "SIGTERM" in (logs / "rank0.log").read_text()
+    assert "trainer rank 0 failed" in (logs / "rank1.log").read_text()
