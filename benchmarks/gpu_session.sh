@@ -20,7 +20,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, go on what
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 python3 -c "import torch, diffusers, deepspeed, timm; print(torch.__version__, diffusers.__version__, deepspeed.__version__, timm.__version__)" 2>&1 | tail -1 | tee -a "$log"
-step gpu-tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+step gpu-tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_augment.py tests/test_model.py
 step generator "${GEN_S:-200}" python3 benchmarks/generator.py --device cuda
 step trainer "${TRAIN_S:-100}" python3 benchmarks/trainer.py --device cuda
 # The hybrid job on one GPU: rank 0 trains, rank 1 generates (both on cuda:0, NCCL trainer

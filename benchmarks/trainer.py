@@ -201,18 +201,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device, args.threads)
-    import deepspeed
     import torch.distributed as dist
 
-    from online_stablerep.distributed.groups import create_groups, init_distributed
+    from online_stablerep.distributed.groups import create_groups, init_with_deepspeed
     from online_stablerep.distributed.roles import Roles
     from online_stablerep.jobs.train import single_process_env
     from online_stablerep.training.trainer import use_bf16
 
     # 1. A world of one rank, set up exactly as the training job does it.
     single_process_env()
-    init_distributed(device, timeout_s=600)
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    init_with_deepspeed(device, timeout_s=600)
     peak = cuda_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     rows: list[dict[str, Any]] = []
     try:

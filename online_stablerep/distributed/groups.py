@@ -54,6 +54,14 @@ def init_distributed(device: torch.device, timeout_s: float) -> None:
     )
 
 
+def init_with_deepspeed(device: torch.device, timeout_s: float) -> None:
+    """`init_distributed`, then DeepSpeed's comm layer on top of the same default group."""
+    import deepspeed
+
+    init_distributed(device, timeout_s)
+    deepspeed.init_distributed(dist_backend=comm_backend(device), auto_mpi_discovery=False)
+
+
 def _skip_deepspeed_shm_op() -> None:
     """Keep DeepSpeed off its CPU shared-memory all-reduce op.
 

@@ -14,13 +14,12 @@ import sys
 import traceback
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from online_stablerep.config import Config, save_config
 from online_stablerep.distributed.env import default_device
-from online_stablerep.distributed.groups import JobGroups, create_groups, init_distributed
+from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
 from online_stablerep.monitoring.metrics import MetricSink, TensorBoardSink, console
 from online_stablerep.producers import build_producer
@@ -172,8 +171,7 @@ def run_job(cfg: Config) -> int:
         cfg.roles.generators, world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
     )
     # 2. torch.distributed first (no device_id), then DeepSpeed reuses it.
-    init_distributed(device, cfg.transport.timeout_s)
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    init_with_deepspeed(device, cfg.transport.timeout_s)
     try:
         groups = create_groups(roles, device, cfg.transport.timeout_s)
         if rank == 0:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

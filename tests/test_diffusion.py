@@ -1,0 +1,151 @@
+"""The diffusion producer on the tiny architecture: equal to stock diffusers, reproducible."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from online_stablerep.config.schema import Config, GeneratorConfig
+from online_stablerep.producers import build_producer
+from online_stablerep.producers.pipeline import build_components
+from online_stablerep.producers.sampling import Sampler, initial_noise
+from online_stablerep.producers.tokenizer import (
+    CLIP_VOCAB_SIZE,
+    build_clip_tokenizer,
+    check_vocab_size,
+)
+
+CAPTIONS = ["a red car on a wet street", "two dogs on a sofa", "a bowl of soup",
+            "a lighthouse at dusk", "snow on pine trees"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # channels_last and chunked decode on: the optimised path is what is compared with stock.
+    cfg = GeneratorConfig(model="tiny", steps=3, dtype="fp32", channels_last=True,
+                          vae_decode_chunk=3)
+    return build_components(cfg, "cpu")
+
+
+def _stock(c) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+        scheduler=c.scheduler_cls.from_config(c.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_offline_tokenizer_has_clip_vocabulary(tmp_path):
+    tokenizer = build_clip_tokenizer(tmp_path)
+    assert len(tokenizer) == CLIP_VOCAB_SIZE
+    ids = tokenizer("a photo of a cat").input_ids
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_vocab_check_rejects_a_tokenizer_without_vocabulary(tmp_path):
+    build_clip_tokenizer(tmp_path)
+    # Keyword names transformers does not read: it silently builds a 2-token tokenizer.
+    broken = CLIPTokenizer(vocab_file=str(tmp_path / "vocab.json"),
+                           merges_file=str(tmp_path / "merges.txt"))
+    with pytest.raises(ValueError, match=f"expected {CLIP_VOCAB_SIZE}"):
+        check_vocab_size(broken, CLIP_VOCAB_SIZE, "test")
+
+
+@pytest.mark.parametrize("guidance", [2.0, 1.0])
+def test_equal_to_stock_pipeline(tiny, guidance):
+    k, caption_ids = 2, [3, 8]
+    side = tiny.resolution // tiny.vae_scale_factor
+    noise, _ = initial_noise(0, caption_ids, k, (4, side, side))
+    ours = Sampler(tiny, steps=3, vae_decode_chunk=3).generate(
+        CAPTIONS[:2], caption_ids, [guidance, guidance], k=k, seed=0, output_size=tiny.resolution)
+    stock = _stock(tiny)(CAPTIONS[:2], num_images_per_prompt=k, num_inference_steps=3,
+                         guidance_scale=guidance, latents=noise, output_type="pt").images
+    stock_u8 = (stock * 255).round().to(torch.uint8)
+    diff = (ours.flatten(0, 1).int() - stock_u8.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01
+
+
+def test_per_caption_guidance_matches_stock_run_per_caption(tiny):
+    sampler = Sampler(tiny, steps=3)
+    side = tiny.resolution // tiny.vae_scale_factor
+    ours = sampler.generate(CAPTIONS[:3], [0, 1, 2], [2.0, 5.0, 1.0], k=1, seed=4,
+                            output_size=tiny.resolution)
+    for i, scale in enumerate([2.0, 5.0, 1.0]):
+        noise, _ = initial_noise(4, [i], 1, (4, side, side))
+        stock = _stock(tiny)(CAPTIONS[i], num_inference_steps=3, guidance_scale=scale,
+                             latents=noise, output_type="pt").images
+        assert (ours[i].int() - (stock * 255).round().int()).abs().max() <= 1
+
+
+def test_output_is_uint8_at_output_size(tiny):
+    images = Sampler(tiny, steps=1).generate(CAPTIONS[:2], [0, 1], [2.0, 2.0], k=3, seed=0,
+                                             output_size=40)
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 3, 40, 40)
+    assert images.float().std() > 1  # not a constant (e.g. zero) image
+
+
+def _cfg(tmp_path, **producer) -> Config:
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(CAPTIONS) + "\n")
+    cfg = Config()
+    cfg.captions = dataclasses.replace(cfg.captions, path=str(path), shuffle=True)
+    cfg.generator = GeneratorConfig(model="tiny", steps=2, dtype="fp32", guidance="mixed")
+    cfg.producer = dataclasses.replace(
+        cfg.producer, **{"images_per_caption": 2, "output_size": 32, "captions_per_call": 2,
+                         "seed": 11, **producer})
+    return cfg
+
+
+def _groups(producer, calls: int) -> dict[int, torch.Tensor]:
+    out = {}
+    for _ in range(calls):
+        for group in producer.next_groups():
+            assert group.images_kchw.shape == (2, 3, 32, 32)
+            out[group.caption_id] = group
+    return out
+
+
+def test_group_is_the_same_alone_in_a_batch_on_any_shard_and_after_resume(tmp_path):
+    cfg = _cfg(tmp_path)
+    batched = build_producer(cfg, shard=0, num_shards=1, device="cpu")
+    batched.start()
+    first = _groups(batched, 1)
+    state = batched.state_dict()
+    rest = _groups(batched, 2)
+    assert len(first) + len(rest) == len(CAPTIONS)
+
+    resumed = build_producer(cfg, shard=0, num_shards=1, device="cpu")
+    resumed.load_state_dict(state)
+    resumed.start()
+    again = _groups(resumed, 2)
+    assert again.keys() == rest.keys()
+
+    alone_cfg = _cfg(tmp_path, captions_per_call=1)
+    alone = build_producer(alone_cfg, shard=1, num_shards=2, device="cpu", rank=5)
+    alone.start()
+    single = _groups(alone, 2)
+
+    made = {**first, **rest}
+    for caption_id, group in list(again.items()) + list(single.items()):
+        ref = made[caption_id]
+        assert group.caption == ref.caption and group.guidance_scale == ref.guidance_scale
+        assert (group.images_kchw.int() - ref.images_kchw.int()).abs().max() <= 1
+    assert {g.producer_rank for g in single.values()} == {5}
+    for producer in (batched, resumed, alone):
+        producer.close()
+
+
+def test_xformers_requested_without_it_warns(tmp_path):
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed")
+    except ImportError:
+        pass
+    with pytest.warns(UserWarning, match="xformers is not installed"):
+        build_components(GeneratorConfig(model="tiny", attention="xformers"), "cpu")
