@@ -177,8 +177,9 @@ class GeneratorConfig:
     dtype: str = "auto"
     # Attention backend: "sdpa" or "xformers".
     attention: str = "sdpa"
-    # Use channels_last memory format for UNet and VAE.
-    channels_last: bool = True
+    # Use channels_last memory format for UNet and VAE. Off by default: measured slower than
+    # contiguous for SD's UNet on CPU and on an H100 in bf16 (benchmarks/generator_levers.py).
+    channels_last: bool = False
     # torch.compile the UNet with fixed shapes (the last batch is padded).
     compile: bool = False
     # Images per VAE decode call (bounds memory; 0 = all at once).
