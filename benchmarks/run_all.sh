@@ -13,8 +13,8 @@ set -uo pipefail
 PYTHON=${PYTHON:-python}
 case "${1:-}" in
   --cpu) device=cpu
-         # Seconds per script; 300 + 180 + 120 + 240 = 14 minutes at most.
-         declare -A budget=([generator]=300 [trainer]=180 [transport]=120 [hybrid]=240) ;;
+         # Seconds per script; 240 + 180 + 120 + 330 = 14.5 minutes at most.
+         declare -A budget=([generator]=240 [trainer]=180 [transport]=120 [hybrid]=330) ;;
   --gpu) device=cuda
          # 210 + 110 + 40 + 120 = 8 minutes at most on one H100.
          declare -A budget=([generator]=210 [trainer]=110 [transport]=40 [hybrid]=120) ;;
