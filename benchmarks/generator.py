@@ -15,11 +15,13 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers
 import torch
@@ -27,13 +29,12 @@ from diffusers import StableDiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from benchmarks.common import machine_name
 from online_stablerep.config.schema import CaptionsConfig, GeneratorConfig
+from online_stablerep.planning.flops import cuda_peak_flops
 from online_stablerep.producers.captions import CaptionSource
 from online_stablerep.producers.pipeline import SCHEDULERS, Components, build_components
 from online_stablerep.producers.sampling import Sampler
-
-# Dense bf16 peak FLOP/s by GPU name fragment (vendor datasheets).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 SETTINGS = {
     "cpu": {"model": "tiny", "resolution": 0, "dtype": "fp32", "captions_per_call": 2,
@@ -49,12 +50,6 @@ SETTINGS = {
 }
 GUIDANCE = 2.0
 DEFAULT_SCHEDULER = "dpm++"
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core"
 
 
 def _sync(device: torch.device) -> None:
@@ -177,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = unet_flops_per_image_step(ours, n, s["images_per_caption"])
     unet_tflops = flops * steps * default["ours_images_per_s"] / 1e12
     name = machine_name(device)
-    peak = next((v for key, v in PEAK_FLOPS.items() if device.type == "cuda"
-                 and key in torch.cuda.get_device_name(device)), None)
+    peak = cuda_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     result = {
         "machine": name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

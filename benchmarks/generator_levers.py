@@ -19,11 +19,13 @@ from pathlib import Path
 import diffusers
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from generator import GUIDANCE, SETTINGS, _stock_pipe, _sync, machine_name  # noqa: E402
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from online_stablerep.config.schema import GeneratorConfig  # noqa: E402
-from online_stablerep.producers.captions import CaptionSource, CaptionsConfig  # noqa: E402
+from benchmarks.common import machine_name  # noqa: E402
+from benchmarks.generator import GUIDANCE, SETTINGS, _stock_pipe, _sync  # noqa: E402
+from online_stablerep.config.schema import CaptionsConfig, GeneratorConfig  # noqa: E402
+from online_stablerep.producers.captions import CaptionSource  # noqa: E402
 from online_stablerep.producers.pipeline import build_components  # noqa: E402
 from online_stablerep.producers.sampling import Sampler  # noqa: E402
 
