@@ -122,7 +122,9 @@ def test_resume_rejects_another_layout():
         ProceduralProducer(cfg, shard=1, num_shards=2).load_state_dict(state)
 
 
-def test_categories_are_linearly_separable_from_pixels():
+def test_pixels_separate_categories_but_do_not_solve_them():
+    """Held-out renders are separable from raw pixels, yet placement jitter keeps pixels far
+    from perfect (1.0 with the old small jitter), so a learned representation can beat them."""
     cfg = small_cfg("procedural.num_categories=10")
     n_train, n_test = 12, 6
 
@@ -136,4 +138,4 @@ def test_categories_are_linearly_separable_from_pixels():
     train_x, train_y = split(0, n_train)
     test_x, test_y = split(100, n_test)
     result = linear_probe(train_x, train_y, test_x, test_y, [0.1, 0.01], [0.0], epochs=30)
-    assert result.top1 > 0.5  # chance is 0.1
+    assert 0.4 < result.top1 < 0.9  # chance is 0.1

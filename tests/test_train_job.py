@@ -49,3 +49,30 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     (tmp_path / "checkpoints" / "step_00000009.tmp").mkdir()
     (tmp_path / "checkpoints" / "step_00000008").mkdir()  # no meta.json: a crash mid-write
     assert newest_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
+    # A learning rate this large blows the weights up within a few steps.
+    blowup = ["optim.lr=1e30", "optim.warmup_steps=0", "train.steps=6"]
+    result = run_cli(["train", "--config", "cpu_procedural", f"output_dir={tmp_path / 'stop'}",
+                      *TINY_PROCEDURAL, *blowup])
+    assert result.returncode == 1
+    assert "non-finite loss" in result.stderr and "at step" in result.stderr
+    skip = run_cli(["train", "--config", "cpu_procedural", f"output_dir={tmp_path / 'skip'}",
+                    *TINY_PROCEDURAL, *blowup, "train.steps=40", "train.on_nonfinite=skip"])
+    assert "skipping step" in skip.stdout
+    # skipping keeps the weights that blew up, so the run gives up after a bounded number
+    assert skip.returncode == 1 and "consecutive non-finite losses" in skip.stderr
+
+
+def test_probe_command_writes_the_three_numbers(tmp_path):
+    train(tmp_path, "train.steps=2")
+    small = ["eval.train_per_class=4", "eval.test_per_class=2", "eval.epochs=5"]
+    result = run_cli(["probe", "--config", "cpu_procedural", f"output_dir={tmp_path}",
+                      *TINY_PROCEDURAL, *small])
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    for key in ("linear_top1", "linear_top1_random_init", "linear_top1_pixels", "knn_top1"):
+        assert 0.0 <= probe[key] <= 1.0

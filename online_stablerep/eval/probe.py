@@ -88,10 +88,10 @@ def probe_encoders(
     return results
 
 
-def write_probe_json(results: Mapping[str, Mapping[str, float]], path: str | Path) -> None:
+def write_probe_json(results: Mapping[str, Mapping[str, float]], path: str | Path) -> dict:
     """Write probe.json atomically: per-encoder results under "encoders", plus the top-level
     summary keys (linear_top1, linear_top1_random_init, linear_top1_pixels, knn_top1) of the
-    encoders present."""
+    encoders present. Returns what was written."""
     summary: dict[str, Any] = {
         key: results[name]["linear_top1"] for name, key in SUMMARY_KEYS.items() if name in results
     }
@@ -103,3 +103,4 @@ def write_probe_json(results: Mapping[str, Mapping[str, float]], path: str | Pat
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(path)
+    return summary

@@ -28,6 +28,11 @@ from online_stablerep.training.schedule import param_groups, warmup_cosine
 from online_stablerep.training.sources import BatchSource
 
 
+# train.on_nonfinite=skip gives up after this many non-finite losses in a row: the weights
+# that produced them do not change while steps are skipped.
+MAX_CONSECUTIVE_SKIPS = 10
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -255,6 +260,7 @@ class Trainer:
         self.engine.train()
         stopped = "steps"
         last_ckpt = None
+        skipped = 0
         t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
         end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
         if end < cfg.steps:
@@ -274,9 +280,16 @@ class Trainer:
                         f"non-finite loss {loss} at step {self.step + 1} "
                         "(train.on_nonfinite=skip drops such steps instead)"
                     )
+                skipped += 1
+                if skipped > MAX_CONSECUTIVE_SKIPS:
+                    raise NonFiniteLossError(
+                        f"{skipped} consecutive non-finite losses up to step {self.step + 1}: "
+                        "skipping cannot recover this run"
+                    )
                 console(f"skipping step {self.step + 1}: non-finite loss {loss}", rank=self.rank)
                 self.engine.zero_grad()
                 continue
+            skipped = 0
             # 3. Backward and optimizer step (DeepSpeed averages gradients over the group).
             self.engine.backward(terms["loss"])
             self.engine.step()
