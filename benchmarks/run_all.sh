@@ -13,18 +13,18 @@ set -uo pipefail
 PYTHON=${PYTHON:-python}
 case "${1:-}" in
   --cpu) device=cpu
-         # Seconds per script; 240 + 180 + 120 + 330 = 14.5 minutes at most.
-         declare -A budget=([generator]=240 [trainer]=180 [transport]=120 [hybrid]=330) ;;
+         # Seconds per script; 180 + 120 + 120 + 90 + 330 = 14 minutes at most (about 6 used).
+         declare -A budget=([generator]=180 [generator_compile]=120 [trainer]=120 [transport]=90 [hybrid]=330) ;;
   --gpu) device=cuda
-         # 210 + 110 + 40 + 120 = 8 minutes at most on one H100.
-         declare -A budget=([generator]=210 [trainer]=110 [transport]=40 [hybrid]=120) ;;
+         # 150 + 120 + 90 + 40 + 100 = 8.3 minutes at most on one H100.
+         declare -A budget=([generator]=150 [generator_compile]=120 [trainer]=90 [transport]=40 [hybrid]=100) ;;
   *) echo "usage: $0 --cpu | --gpu" >&2; exit 2 ;;
 esac
 
 cd "$(dirname "$0")/.."
 failed=()
 start=$SECONDS
-for name in generator trainer transport hybrid; do
+for name in generator generator_compile trainer transport hybrid; do
   script="benchmarks/$name.py"
   if [[ ! -f "$script" ]]; then
     echo "== $name: $script does not exist yet, skipped"

@@ -149,3 +149,10 @@ def test_xformers_requested_without_it_warns(tmp_path):
         pass
     with pytest.warns(UserWarning, match="xformers is not installed"):
         build_components(GeneratorConfig(model="tiny", attention="xformers"), "cpu")
+
+
+def test_a_checkpoint_that_cannot_be_loaded_names_the_key(tmp_path):
+    from online_stablerep.producers.pipeline import build_components
+
+    with pytest.raises(ValueError, match="generator.model="):
+        build_components(GeneratorConfig(model=str(tmp_path / "no_such_model")), "cpu")

@@ -84,7 +84,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _load_checkpoint(model: str, dtype: torch.dtype) -> dict[str, Any]:
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"generator.model={model!r}: no diffusers pipeline could be loaded from it ({err}). "
+            f"Give a local diffusers folder, a hub id, or one of {', '.join(ARCHITECTURES)} "
+            "for random weights"
+        ) from err
     parts: dict[str, Any] = {
         "unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
         "tokenizer": pipe.tokenizer, "scheduler_config": dict(pipe.scheduler.config),
