@@ -144,10 +144,23 @@ def flops_per_generated_image(
             + per_caption_text / images_per_caption)
 
 
+# Hub ids of released checkpoints whose architecture is one of the named random-weight ones.
+KNOWN_CHECKPOINTS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "runwayml/stable-diffusion-v1-5": "sd15",
+    "CompVis/stable-diffusion-v1-4": "sd15",
+    "stabilityai/stable-diffusion-2-1": "sd21",
+    "stabilityai/stable-diffusion-2-1-base": "sd21",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "stabilityai/sdxl-turbo": "sdxl",
+}
+
+
 def generator_flops_per_image(cfg: Config) -> float:
-    """FLOPs per generated image for the generator section of `cfg` (named architectures)."""
+    """FLOPs per generated image for the generator section of `cfg` (named architectures, or a
+    released checkpoint of one of them, by hub id)."""
     g = cfg.generator
-    counted = count_diffusion_flops(g.model, g.resolution)
+    counted = count_diffusion_flops(KNOWN_CHECKPOINTS.get(g.model, g.model), g.resolution)
     return flops_per_generated_image(
         counted, g.steps, parse_guidance(g.guidance), cfg.producer.images_per_caption
     )
