@@ -27,7 +27,6 @@ from online_stablerep.training.augment import DeviceAugment
 from online_stablerep.training.schedule import param_groups, warmup_cosine
 from online_stablerep.training.sources import BatchSource
 
-
 # train.on_nonfinite=skip gives up after this many non-finite losses in a row: the weights
 # that produced them do not change while steps are skipped.
 MAX_CONSECUTIVE_SKIPS = 10
