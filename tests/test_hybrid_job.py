@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_PROCEDURAL, read_summary
+from tests.helpers import TINY_PROCEDURAL, read_summary, tensorboard_tags
 from tests.jobs import read_logs, start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
@@ -60,6 +60,12 @@ def test_hybrid_job_trains_on_every_batch_shape_and_accounts_for_groups(tmp_path
     losses = read_summary(out)["losses"]
     assert len(losses) == 16 and all(map(lambda x: x == x and abs(x) < 1e6, losses))
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # learning with the procedural producer
+    tags = tensorboard_tags(out / "tensorboard" / "train")
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/idle_fraction",
+                "buffer/groups", "buffer/mean_reuse", "buffer/age_s", "gen/images_per_s",
+                "gen/idle_fraction", "transport/MB_per_s", "buffer/received_groups",
+                *(f"gen/images_per_s/rank{g}" for g in range(trainers, trainers + generators))):
+        assert tag in tags, tag
 
 
 def test_killed_generator_stops_every_rank_and_resume_works(tmp_path):
