@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ def _trainer_source(
     return build_hybrid_source(cfg, groups, buffer)
 
 
-def _plan_comparison(cfg: Config, roles: Roles):
+def _plan_comparison(cfg: Config, roles: Roles) -> Callable[[dict[str, float]], str] | None:
     """A function that says how far logged figures are from `plan.*`, or None without a plan."""
     if not cfg.plan.gen_images_per_s:
         return None
