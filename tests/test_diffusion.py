@@ -156,3 +156,21 @@ def test_a_checkpoint_that_cannot_be_loaded_names_the_key(tmp_path):
 
     with pytest.raises(ValueError, match="generator.model="):
         build_components(GeneratorConfig(model=str(tmp_path / "no_such_model")), "cpu")
+
+
+def test_tiny_autoencoder_from_a_folder_decodes_groups(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    # Two decoder blocks upsample 2x, the factor of the tiny architecture's own VAE.
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1),
+                    latent_channels=4).save_pretrained(tmp_path / "taesd")
+    cfg = GeneratorConfig(model="tiny", steps=2, dtype="fp32", tiny_vae=str(tmp_path / "taesd"))
+    components = build_components(cfg, "cpu")
+    assert type(components.vae).__name__ == "AutoencoderTiny"
+    images = Sampler(components, 2).generate(["a cat"], [0], [2.0], k=2, seed=0, output_size=32)
+    assert images.shape == (1, 2, 3, 32, 32) and images.dtype == torch.uint8
+    assert images.float().std() > 0
+    with pytest.raises(ValueError, match="generator.tiny_vae"):
+        build_components(dataclasses.replace(cfg, tiny_vae=str(tmp_path / "missing")), "cpu")
