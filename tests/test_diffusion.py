@@ -174,3 +174,24 @@ def test_tiny_autoencoder_from_a_folder_decodes_groups(tmp_path):
     assert images.float().std() > 0
     with pytest.raises(ValueError, match="generator.tiny_vae"):
         build_components(dataclasses.replace(cfg, tiny_vae=str(tmp_path / "missing")), "cpu")
+
+
+def test_compiled_producer_pads_the_last_call_and_matches_eager(tmp_path):
+    # 5 captions, 2 a call, one epoch: calls of 2, 2 and 1 (padded to 2 for the fixed shapes).
+    cfg = _cfg(tmp_path)
+    cfg.train = dataclasses.replace(cfg.train, epochs=1)
+    eager = build_producer(cfg, shard=0, num_shards=1, device="cpu")
+    compiled_cfg = _cfg(tmp_path)
+    compiled_cfg.train = dataclasses.replace(compiled_cfg.train, epochs=1)
+    compiled_cfg.generator = dataclasses.replace(compiled_cfg.generator, compile=True)
+    compiled = build_producer(compiled_cfg, shard=0, num_shards=1, device="cpu")
+    for producer in (eager, compiled):
+        producer.start()
+    sizes = []
+    while groups := compiled.next_groups():
+        sizes.append(len(groups))
+        reference = {g.caption_id: g for g in eager.next_groups()}
+        for group in groups:
+            diff = group.images_kchw.int() - reference[group.caption_id].images_kchw.int()
+            assert diff.abs().max() <= 2
+    assert sizes == [2, 2, 1] and eager.next_groups() == []
