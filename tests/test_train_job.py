@@ -31,9 +31,10 @@ def test_run_writes_events_checkpoint_and_config(tmp_path):
         assert tag in tags, tag
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, zero_stage):
     full, part = tmp_path / "full", tmp_path / "part"
-    common = ["train.steps=6", "train.checkpoint_every=0"]
+    common = ["train.steps=6", "train.checkpoint_every=0", f"train.zero_stage={zero_stage}"]
     train(full, *common)
     train(part, *common, "train.stop_after=3")
     assert read_summary(part)["steps"] == 3

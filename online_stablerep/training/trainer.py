@@ -13,6 +13,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
 import torch.distributed as dist
 
 from online_stablerep.config.schema import Config
@@ -151,6 +152,17 @@ class Trainer:
             keep=self.cfg.train.keep_checkpoints,
         )
 
+    def _load_optimizer(self, optimizer_state: dict[str, Any]) -> None:
+        optimizer = self.engine.optimizer
+        if isinstance(optimizer, ZeROOptimizer):
+            # ZeRO and DeepSpeed's bf16 optimizer take one state per data-parallel rank and read
+            # their own; their fp32 master weights come back from the state, not from bf16.
+            shards: list[dict[str, Any] | None] = [None] * self.world
+            shards[self.rank] = optimizer_state
+            optimizer.load_state_dict(shards, load_from_fp32_weights=True)
+        else:
+            optimizer.load_state_dict(optimizer_state)
+
     def resume(self) -> bool:
         """Load the newest complete checkpoint of output_dir; False when there is none."""
         path = ckpt.newest_checkpoint(self.cfg.output_dir)
@@ -158,7 +170,7 @@ class Trainer:
             return False
         model_state, state, _ = ckpt.load_checkpoint(path, self.rank, self.world)
         self.engine.module.load_state_dict(model_state)
-        self.engine.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(state["optimizer"])
         self.engine.lr_scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.aug_generator.set_state(state["aug_generator"])
