@@ -13,8 +13,8 @@ from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.runtime.base_optimizer import ZeROOptimizer
 import torch.distributed as dist
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
 from online_stablerep.config.schema import Config
 from online_stablerep.distributed.env import get_rank, get_world_size
