@@ -1,1 +1,1 @@
-"""monitoring"""
+"""Monitoring: metric sinks (TensorBoard, no-op), console lines, image grids."""

@@ -1,1 +1,1 @@
-"""training"""
+"""Training: the Trainer, batch sources, replay buffer, augmentation, schedule, checkpoints."""
