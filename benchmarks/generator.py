@@ -57,6 +57,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclasses.dataclass
+class LeverRun:
+    """What the lever benchmarks share: parsed arguments, device, settings, and the prompts."""
+
+    args: argparse.Namespace
+    device: torch.device
+    settings: dict
+    base: GeneratorConfig
+    prompts: list[str]
+    ids: list[int]
+
+
+def lever_run(argv: list[str] | None, description: str) -> LeverRun:
+    """Parse `--device --reps --out-dir` and prepare the default settings of this device."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    diffusers.utils.logging.set_verbosity_error()
+    s = SETTINGS[args.device]
+    base = GeneratorConfig(model=s["model"], resolution=s["resolution"], dtype=s["dtype"],
+                           steps=s["steps"])
+    source = CaptionSource.open(CaptionsConfig())
+    n = s["captions_per_call"]
+    return LeverRun(args, torch.device(args.device), s, base,
+                    [source.get(i) for i in range(n)], list(range(n)))
+
+
 def _stock_pipe(c: Components) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,

@@ -11,7 +11,6 @@ early still leaves what it measured).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -22,13 +21,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import diffusers  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import machine_name  # noqa: E402
-from benchmarks.generator import GUIDANCE, SETTINGS, _stock_pipe, _sync  # noqa: E402
-from online_stablerep.config.schema import CaptionsConfig, GeneratorConfig  # noqa: E402
-from online_stablerep.producers.captions import CaptionSource  # noqa: E402
+from benchmarks.generator import GUIDANCE, _stock_pipe, _sync, lever_run  # noqa: E402
 from online_stablerep.producers.pipeline import build_components  # noqa: E402
 from online_stablerep.producers.sampling import Sampler, initial_noise  # noqa: E402
 
@@ -42,20 +38,11 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    diffusers.utils.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    s = SETTINGS[args.device]
+    run = lever_run(argv, __doc__.splitlines()[0])
+    args, device, s, prompts, ids = run.args, run.device, run.settings, run.prompts, run.ids
     n, k, steps = s["captions_per_call"], s["images_per_caption"], s["steps"]
-    plain = build_components(GeneratorConfig(model=s["model"], resolution=s["resolution"],
-                                             dtype=s["dtype"], steps=steps), device)
+    plain = build_components(run.base, device)
     compiled = dataclasses.replace(plain, unet=torch.compile(plain.unet, dynamic=False))
-    source = CaptionSource.open(CaptionsConfig())
-    prompts, ids = [source.get(i) for i in range(n)], list(range(n))
     ours = Sampler(compiled, steps=steps, vae_decode_chunk=8)
     pipe = _stock_pipe(plain)
     side = plain.resolution // plain.vae_scale_factor

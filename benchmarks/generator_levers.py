@@ -8,7 +8,6 @@ Writes benchmarks/results/generator-levers-<machine>.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -16,35 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-import diffusers
 import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_name  # noqa: E402
-from benchmarks.generator import GUIDANCE, SETTINGS, _stock_pipe, _sync  # noqa: E402
-from online_stablerep.config.schema import CaptionsConfig, GeneratorConfig  # noqa: E402
-from online_stablerep.producers.captions import CaptionSource  # noqa: E402
+from benchmarks.generator import GUIDANCE, _stock_pipe, _sync, lever_run  # noqa: E402
 from online_stablerep.producers.pipeline import build_components  # noqa: E402
 from online_stablerep.producers.sampling import Sampler  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    diffusers.utils.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    s = SETTINGS[args.device]
+    run = lever_run(argv, __doc__.splitlines()[0])
+    args, device, s, prompts, ids = run.args, run.device, run.settings, run.prompts, run.ids
     n, k, steps = s["captions_per_call"], s["images_per_caption"], s["steps"]
-    base = GeneratorConfig(model=s["model"], resolution=s["resolution"], dtype=s["dtype"],
-                           steps=steps)
-    contiguous = build_components(dataclasses.replace(base, channels_last=False), device)
-    source = CaptionSource.open(CaptionsConfig())
-    prompts, ids = [source.get(i) for i in range(n)], list(range(n))
+    contiguous = build_components(dataclasses.replace(run.base, channels_last=False), device)
 
     def ours(chunk: int):
         sampler = Sampler(contiguous, steps=steps, vae_decode_chunk=chunk)

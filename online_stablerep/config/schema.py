@@ -177,8 +177,8 @@ class GeneratorConfig:
     dtype: str = "auto"
     # Attention backend: "sdpa" or "xformers".
     attention: str = "sdpa"
-    # Use channels_last memory format for UNet and VAE. Off by default: measured slower than
-    # contiguous for SD's UNet on CPU and on an H100 in bf16 (benchmarks/generator_levers.py).
+    # Use channels_last memory format for UNet and VAE. Off by default: measured 0.89x of
+    # contiguous for SD1.5's UNet on an H100 in bf16 (benchmarks/generator_levers.py).
     channels_last: bool = False
     # torch.compile the UNet with fixed shapes (the last batch is padded).
     compile: bool = False
