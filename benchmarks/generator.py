@@ -25,15 +25,19 @@ if __package__ in (None, ""):
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from benchmarks.common import machine_name
+from benchmarks.common import machine_name, synchronize
 from online_stablerep.config.schema import CaptionsConfig, GeneratorConfig
 from online_stablerep.planning.flops import cuda_peak_flops
 from online_stablerep.producers.captions import CaptionSource
-from online_stablerep.producers.pipeline import SCHEDULERS, Components, build_components
+from online_stablerep.producers.pipeline import (
+    SCHEDULERS,
+    Components,
+    build_components,
+    stock_pipeline,
+)
 from online_stablerep.producers.sampling import Sampler
 
 SETTINGS = {
@@ -50,11 +54,6 @@ SETTINGS = {
 }
 GUIDANCE = 2.0
 DEFAULT_SCHEDULER = "dpm++"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclasses.dataclass
@@ -86,16 +85,6 @@ def lever_run(argv: list[str] | None, description: str) -> LeverRun:
                     [source.get(i) for i in range(n)], list(range(n)))
 
 
-def _stock_pipe(c: Components) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-        scheduler=c.scheduler_cls.from_config(c.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def measure_point(ours: Components, stock: Components, captions: list[str], scheduler: str,
                   n: int, steps: int, s: dict) -> dict:
     """Images/s of both sides at one setting, alternating runs."""
@@ -103,7 +92,7 @@ def measure_point(ours: Components, stock: Components, captions: list[str], sche
     cls = SCHEDULERS[scheduler]
     sampler = Sampler(dataclasses.replace(ours, scheduler_cls=cls), steps=steps,
                       vae_decode_chunk=8)
-    pipe = _stock_pipe(dataclasses.replace(stock, scheduler_cls=cls))
+    pipe = stock_pipeline(dataclasses.replace(stock, scheduler_cls=cls))
     prompts, ids = captions[:n], list(range(n))
 
     def run_ours() -> None:
@@ -116,10 +105,10 @@ def measure_point(ours: Components, stock: Components, captions: list[str], sche
     times: dict[str, list[float]] = {"ours": [], "stock": []}
     for rep in range(s["warmup"] + s["reps"]):
         for name, fn in (("ours", run_ours), ("stock", run_stock)):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             if rep >= s["warmup"]:
                 times[name].append(time.perf_counter() - t0)
     row = {"scheduler": scheduler, "captions_per_call": n, "images_per_caption": k,

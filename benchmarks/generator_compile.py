@@ -23,17 +23,20 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine_name  # noqa: E402
-from benchmarks.generator import GUIDANCE, _stock_pipe, _sync, lever_run  # noqa: E402
-from online_stablerep.producers.pipeline import build_components  # noqa: E402
+from benchmarks.common import (
+    machine_name,  # noqa: E402
+    synchronize,  # noqa: E402
+)
+from benchmarks.generator import GUIDANCE, lever_run  # noqa: E402
+from online_stablerep.producers.pipeline import build_components, stock_pipeline  # noqa: E402
 from online_stablerep.producers.sampling import Sampler, initial_noise  # noqa: E402
 
 
 def _timed(fn, device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = build_components(run.base, device)
     compiled = dataclasses.replace(plain, unet=torch.compile(plain.unet, dynamic=False))
     ours = Sampler(compiled, steps=steps, vae_decode_chunk=8)
-    pipe = _stock_pipe(plain)
+    pipe = stock_pipeline(plain)
     side = plain.resolution // plain.vae_scale_factor
     noise, _ = initial_noise(0, ids, k, (plain.unet.config.in_channels, side, side))
 

@@ -20,9 +20,12 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_name  # noqa: E402
-from benchmarks.generator import GUIDANCE, _stock_pipe, _sync, lever_run  # noqa: E402
-from online_stablerep.producers.pipeline import build_components  # noqa: E402
+from benchmarks.common import (
+    machine_name,  # noqa: E402
+    synchronize,  # noqa: E402
+)
+from benchmarks.generator import GUIDANCE, lever_run  # noqa: E402
+from online_stablerep.producers.pipeline import build_components, stock_pipeline  # noqa: E402
 from online_stablerep.producers.sampling import Sampler  # noqa: E402
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: sampler.generate(prompts, ids, [GUIDANCE] * n, k=k, seed=0,
                                         output_size=s["output_size"])
 
-    pipe = _stock_pipe(contiguous)
+    pipe = stock_pipeline(contiguous)
 
     def stock() -> None:
         pipe(prompts, num_images_per_prompt=k, num_inference_steps=steps,
@@ -50,20 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in [*variants, "ours_channels_last_chunk8"]}
     for rep in range(1 + args.reps):
         for name, fn in variants.items():
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             if rep:
                 times[name].append(time.perf_counter() - t0)
     contiguous.unet.to(memory_format=torch.channels_last)
     contiguous.vae.to(memory_format=torch.channels_last)
     fn = ours(8)
     for rep in range(1 + args.reps):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         if rep:
             times["ours_channels_last_chunk8"].append(time.perf_counter() - t0)
     rates = {name: statistics.median(n * k / t for t in ts) for name, ts in times.items()}

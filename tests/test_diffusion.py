@@ -6,12 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from online_stablerep.config.schema import Config, GeneratorConfig
 from online_stablerep.producers import build_producer
-from online_stablerep.producers.pipeline import build_components
+from online_stablerep.producers.pipeline import build_components, stock_pipeline
 from online_stablerep.producers.sampling import Sampler, initial_noise
 from online_stablerep.producers.tokenizer import (
     CLIP_VOCAB_SIZE,
@@ -29,16 +28,6 @@ def tiny():
     cfg = GeneratorConfig(model="tiny", steps=3, dtype="fp32", channels_last=True,
                           vae_decode_chunk=3)
     return build_components(cfg, "cpu")
-
-
-def _stock(c) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-        scheduler=c.scheduler_cls.from_config(c.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_offline_tokenizer_has_clip_vocabulary(tmp_path):
@@ -64,7 +53,7 @@ def test_equal_to_stock_pipeline(tiny, guidance):
     noise, _ = initial_noise(0, caption_ids, k, (4, side, side))
     ours = Sampler(tiny, steps=3, vae_decode_chunk=3).generate(
         CAPTIONS[:2], caption_ids, [guidance, guidance], k=k, seed=0, output_size=tiny.resolution)
-    stock = _stock(tiny)(CAPTIONS[:2], num_images_per_prompt=k, num_inference_steps=3,
+    stock = stock_pipeline(tiny)(CAPTIONS[:2], num_images_per_prompt=k, num_inference_steps=3,
                          guidance_scale=guidance, latents=noise, output_type="pt").images
     stock_u8 = (stock * 255).round().to(torch.uint8)
     diff = (ours.flatten(0, 1).int() - stock_u8.int()).abs()
@@ -78,7 +67,7 @@ def test_per_caption_guidance_matches_stock_run_per_caption(tiny):
                             output_size=tiny.resolution)
     for i, scale in enumerate([2.0, 5.0, 1.0]):
         noise, _ = initial_noise(4, [i], 1, (4, side, side))
-        stock = _stock(tiny)(CAPTIONS[i], num_inference_steps=3, guidance_scale=scale,
+        stock = stock_pipeline(tiny)(CAPTIONS[i], num_inference_steps=3, guidance_scale=scale,
                              latents=noise, output_type="pt").images
         assert (ours[i].int() - (stock * 255).round().int()).abs().max() <= 1
 

@@ -22,6 +22,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -184,3 +185,15 @@ def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Compon
         tokenizer_2=parts.get("tokenizer_2"),
         force_zeros_for_empty_prompt=parts.get("force_zeros", False),
     )
+
+
+def stock_pipeline(c: Components) -> StableDiffusionPipeline:
+    """Diffusers' own StableDiffusionPipeline over the same components (no safety checker): the
+    reference our sampler is checked and benchmarked against."""
+    pipe = StableDiffusionPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+        scheduler=c.scheduler_cls.from_config(c.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
