@@ -131,11 +131,13 @@ def _worker(rank: int, world: int, spec: str, port: int, cfg: Config, out: str, 
             shard, shards = roles.producer_shard(rank)
             fault = plan.get("fault", {})
             if fault.get("rank") == rank:
-                producer = FaultyProducer(cfg, shard, shards, rank, fault=fault["kind"],
+                def make_producer():
+                    return FaultyProducer(cfg, shard, shards, rank, fault=fault["kind"],
                                           at_call=fault["at_call"])
             else:
-                producer = ProceduralProducer(cfg, shard, shards, rank)
-            result["rc"] = run_generator(cfg, groups, producer)
+                def make_producer():
+                    return ProceduralProducer(cfg, shard, shards, rank)
+            result["rc"] = run_generator(cfg, groups, make_producer)
     except Exception as err:
         result["error"] = str(err)
         code = 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from online_stablerep.config.schema import Config
@@ -26,8 +27,12 @@ from online_stablerep.transport.sender import GeneratorLink
 LOG_EVERY_S = 30.0
 
 
-def run_generator(cfg: Config, groups: JobGroups, producer: Producer) -> int:
+def run_generator(cfg: Config, groups: JobGroups, make_producer: Callable[[], Producer]) -> int:
     """Feed the trainer ranks until they stop or the caption stream ends; returns 0.
+
+    Args:
+        make_producer: builds this rank's producer. Called inside the failure path, so a bad
+            caption corpus reaches the trainers as FAIL with its reason.
 
     Raises:
         TransportError: a trainer failed, aborted, or stopped answering (names the rank).
@@ -36,7 +41,9 @@ def run_generator(cfg: Config, groups: JobGroups, producer: Producer) -> int:
     rank = groups.rank
     link = GeneratorLink(groups, cfg.transport.timeout_s)
     sent: list[list[int]] = []  # (caption_id, epoch, rank) of every group sent (train.audit)
+    producer: Producer | None = None
     try:
+        producer = make_producer()
         # 1. Where the stream starts: fresh, or after the newest group any trainer received.
         resume = link.wait_hello()
         seq, skip = 0, 0
@@ -95,7 +102,8 @@ def run_generator(cfg: Config, groups: JobGroups, producer: Producer) -> int:
         link.fail(f"{type(err).__name__}: {err}")
         raise
     finally:
-        producer.close()
+        if producer is not None:
+            producer.close()
         if cfg.train.audit:
             path = Path(cfg.output_dir) / "audit" / f"generator_rank{rank}.json"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -150,8 +150,7 @@ def _run_generator(cfg: Config, roles: Roles, groups: JobGroups, device: torch.d
 
     rank = groups.rank
     shard, shards = roles.producer_shard(rank)
-    producer = build_producer(cfg, shard, shards, rank, device)
-    return run_generator(cfg, groups, producer)
+    return run_generator(cfg, groups, lambda: build_producer(cfg, shard, shards, rank, device))
 
 
 def run_job(cfg: Config) -> int:
