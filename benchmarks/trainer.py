@@ -64,7 +64,7 @@ class InterleavedSource:
 
     def __init__(self, batch: TrainBatch, device: torch.device,
                  plain_step: Callable[[], None], progress: Any) -> None:
-        from online_stablerep.training.replay_buffer import ReplayBuffer
+        from online_stablerep.replay import ReplayBuffer
 
         self.batch = batch
         self.device = device

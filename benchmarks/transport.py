@@ -96,7 +96,7 @@ def _wire_point(groups_obj: Any, rank: int, point: dict, batch: list[CaptionGrou
 def _link_point(groups_obj: Any, rank: int, point: dict, batch: list[CaptionGroup],
                 reps: int) -> list[float]:
     """The job's GeneratorLink -> Receiver path under credit; the trainer drains its buffer."""
-    from online_stablerep.training.replay_buffer import ReplayBuffer
+    from online_stablerep.replay import ReplayBuffer
     from online_stablerep.transport.receiver import Receiver
     from online_stablerep.transport.sender import GeneratorLink
 

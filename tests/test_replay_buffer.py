@@ -1,4 +1,5 @@
-"""Replay buffer: capacity, reuse cap, fresh-first, distinct captions, view-major batches."""
+"""Replay buffer: capacity, reuse cap, random draws from a minimum pool, distinct captions,
+view-major batches, mixing figures."""
 
 import threading
 import time
@@ -6,12 +7,12 @@ import time
 import torch
 
 from online_stablerep.records import CaptionGroup
-from online_stablerep.training.replay_buffer import ReplayBuffer
+from online_stablerep.replay import ReplayBuffer
 
 
 def make_group(cid: int, k: int = 4, epoch: int = 0) -> CaptionGroup:
     # Image j of caption c is filled with the value 10 * c + j, so views can be traced back.
-    images = torch.stack([torch.full((3, 2, 2), 10 * cid + j, dtype=torch.uint8) for j in range(k)])
+    images = torch.stack([torch.full((3, 2, 2), (10 * cid + j) % 256, dtype=torch.uint8) for j in range(k)])
     return CaptionGroup(cid, f"caption {cid}", images, 2.0, 0, 1, time.time(), epoch)
 
 
@@ -20,7 +21,8 @@ def test_batch_layout_is_view_major_with_distinct_captions():
     buf.add([make_group(c) for c in range(3)])
     batch = buf.sample(n=3, k=2)
     assert batch.images.shape == (6, 3, 2, 2)
-    assert batch.caption_ids.tolist() == [0, 1, 2, 0, 1, 2]
+    ids = batch.caption_ids.tolist()
+    assert sorted(ids[:3]) == [0, 1, 2] and ids[3:] == ids[:3]
     for row in range(6):
         cid = batch.caption_ids[row].item()
         assert batch.images[row, 0, 0, 0].item() // 10 == cid
@@ -28,17 +30,66 @@ def test_batch_layout_is_view_major_with_distinct_captions():
     assert batch.images[0, 0, 0, 0] != batch.images[3, 0, 0, 0]
 
 
-def test_reuse_cap_and_fresh_first():
+def test_reuse_cap_drops_groups_and_drain_empties_the_pool():
     buf = ReplayBuffer(capacity=8, max_reuse=2, track_keys=True)
     buf.add([make_group(c) for c in range(4)])
-    first = buf.sample(2, 2).caption_ids[:2].tolist()
-    second = buf.sample(2, 2).caption_ids[:2].tolist()
-    assert set(first).isdisjoint(second)  # unused groups come before used ones
+    while buf.sample(2, 2) is not None:
+        pass
+    assert max(buf.uses_by_key.values()) == 2
+    # Draws stop when fewer than 2 distinct captions remain; at most one group is left unused up.
+    assert sum(buf.uses_by_key.values()) >= 6 and len(buf) <= 1
+
+
+def test_fresh_weight_favours_unused_groups():
+    buf = ReplayBuffer(capacity=64, max_reuse=9, fresh_weight=1e6)
+    buf.add([make_group(c) for c in range(8)])
+    first = buf.sample(4, 2).caption_ids[:4].tolist()
+    second = buf.sample(4, 2).caption_ids[:4].tolist()
+    assert set(first).isdisjoint(second)
+
+
+def test_min_pool_gates_draws_until_drain():
+    buf = ReplayBuffer(capacity=16, max_reuse=3, min_pool=6)
+    buf.add([make_group(c) for c in range(5)])
+    assert not buf.ready(2) and buf.sample(2, 2) is None
+    assert buf.ready(2, drain=True) and buf.sample(2, 2, drain=True) is not None
+    buf.add([make_group(9)])
+    assert buf.ready(2)
+
+
+def test_room_counts_only_unused_groups():
+    buf = ReplayBuffer(capacity=10, max_reuse=3)
+    buf.add([make_group(c) for c in range(4)])
+    assert buf.room() == 6
     buf.sample(2, 2)
-    buf.sample(2, 2)
-    assert buf.sample(2, 2) is None  # every group used max_reuse times and dropped
-    assert max(buf.uses_by_key.values()) == 2 and len(buf) == 0
-    assert buf.stats()["mean_reuse"] == 2.0
+    assert buf.room() == 8
+
+
+def test_random_draws_overlap_like_n_over_pool_and_spread_uses():
+    # A pool kept at P groups (a new one arrives for each retired): a group of the previous
+    # batch is drawn again with probability n / P unless that use was its last (1 / R of them
+    # retire), so consecutive batches share about n / P * (1 - 1 / R) of their captions; a
+    # group's R uses spread over about (R - 1) * P / n steps.
+    n, pool, reuse = 8, 32, 4
+    buf = ReplayBuffer(capacity=pool, max_reuse=reuse, min_pool=pool, seed=3)
+    next_id = 0
+    for _ in range(300):
+        missing = pool - len(buf)
+        buf.add([make_group(c) for c in range(next_id, next_id + missing)])
+        next_id += missing
+        assert buf.sample(n, 2) is not None
+    stats = buf.stats()
+    assert abs(stats["batch_overlap"] - n / pool * (1 - 1 / reuse)) < 0.03
+    assert abs(stats["use_spread_steps"] - (reuse - 1) * pool / n) < 3
+    assert stats["mean_reuse"] > reuse - 0.5
+
+
+def test_full_pool_with_n_groups_repeats_the_whole_batch():
+    buf = ReplayBuffer(capacity=4, max_reuse=10)
+    buf.add([make_group(c) for c in range(4)])
+    for _ in range(5):
+        buf.sample(4, 2)
+    assert buf.stats()["batch_overlap"] == 1.0
 
 
 def test_duplicate_caption_ids_never_share_a_batch():
@@ -52,11 +103,11 @@ def test_duplicate_caption_ids_never_share_a_batch():
 def test_capacity_evicts_most_used_first():
     buf = ReplayBuffer(capacity=3, max_reuse=5)
     buf.add([make_group(c) for c in range(3)])
-    buf.sample(1, 2)  # caption 0 used once
+    used = buf.sample(1, 2).caption_ids[0].item()
     buf.add([make_group(9)])
     assert len(buf) == 3 and buf.evicted_unused == 0
     held = {s.group.caption_id for s in buf._slots}
-    assert held == {1, 2, 9}
+    assert held == {0, 1, 2, 9} - {used}
     buf.add([make_group(10)])
     assert buf.evicted_unused == 1
 

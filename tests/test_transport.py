@@ -27,8 +27,8 @@ from online_stablerep.distributed.roles import Roles
 from online_stablerep.jobs.generator import run_generator
 from online_stablerep.producers.procedural import ProceduralProducer
 from online_stablerep.records import CaptionGroup
+from online_stablerep.replay import ReplayBuffer
 from online_stablerep.training.hybrid_source import build_hybrid_source
-from online_stablerep.training.replay_buffer import ReplayBuffer
 
 pytestmark = pytest.mark.slow
 JOIN_TIMEOUT_S = 60

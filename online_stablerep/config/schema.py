@@ -216,6 +216,12 @@ class ReplayConfig:
     capacity: int = 512
     # Maximum times one group is used in a batch (1 = pure online).
     max_reuse: int = 4
+    # Eligible groups a batch is drawn from at least; the trainer waits (idle) below it rather
+    # than repeat the previous batch. 0 = auto: 4 x captions_per_batch (captions_per_batch when
+    # max_reuse is 1), so consecutive batches share about a quarter of their captions.
+    min_pool: int = 0
+    # Draw weight of a never-used group relative to a used one (1 = uniform random draws).
+    fresh_weight: float = 1.0
     # Save the held groups in checkpoints, so a resumed run loses nothing it had received
     # (costs capacity x group size of disk per trainer rank).
     checkpoint_contents: bool = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from online_stablerep.config.schema import Config
+from online_stablerep.replay.buffer import default_min_pool
 
 GUIDANCE_PRESETS: dict[str, list[float]] = {
     "small": [2.0, 3.0],
@@ -124,6 +125,12 @@ def validate(cfg: Config) -> None:
     _require(cfg.replay.capacity >= b.captions_per_batch, "replay.capacity",
              f"{cfg.replay.capacity} < batch.captions_per_batch={b.captions_per_batch}")
     _require(cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1")
+    _require(cfg.replay.min_pool >= 0, "replay.min_pool", "must be >= 0 (0 = auto)")
+    _require(cfg.replay.fresh_weight > 0, "replay.fresh_weight", "must be > 0")
+    pool = resolved_min_pool(cfg)
+    _require(cfg.replay.capacity >= pool, "replay.capacity",
+             f"{cfg.replay.capacity} < replay.min_pool={pool} (the pool a batch is drawn from; "
+             "raise replay.capacity or lower replay.min_pool)")
     _require(cfg.transport.credits_per_generator >= 1, "transport.credits_per_generator",
              "must be >= 1")
     _require(cfg.transport.timeout_s > 0, "transport.timeout_s", "must be > 0")
@@ -157,3 +164,10 @@ def parse_generators(spec: str) -> tuple[int, bool]:
         ) from None
     _require(count >= 0, "roles.generators", f"must be >= 0, got {count}")
     return count, per_node
+
+
+def resolved_min_pool(cfg: Config) -> int:
+    """`replay.min_pool`, with 0 (auto) sized from captions_per_batch and max_reuse."""
+    if cfg.replay.min_pool > 0:
+        return max(cfg.replay.min_pool, cfg.batch.captions_per_batch)
+    return default_min_pool(cfg.batch.captions_per_batch, cfg.replay.max_reuse)

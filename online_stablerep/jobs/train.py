@@ -19,12 +19,13 @@ import torch
 import torch.distributed as dist
 
 from online_stablerep.config import Config, save_config
+from online_stablerep.config.validate import resolved_min_pool
 from online_stablerep.distributed.env import default_device
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
 from online_stablerep.monitoring.metrics import MetricSink, TensorBoardSink, console
 from online_stablerep.producers import build_producer
-from online_stablerep.training.replay_buffer import ReplayBuffer
+from online_stablerep.replay import ReplayBuffer
 from online_stablerep.training.sources import BatchSource, ColocatedSource
 from online_stablerep.training.trainer import Trainer, TrainResult
 
@@ -64,8 +65,9 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 def _trainer_source(
     cfg: Config, roles: Roles, groups: JobGroups, rank: int, device: torch.device
 ) -> BatchSource:
-    buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse, seed=cfg.seed * 7919 + rank,
-                          track_keys=cfg.train.audit)
+    buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse,
+                          min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
+                          seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit)
     n, k = cfg.batch.captions_per_batch, cfg.batch.views_per_caption
     if roles.colocated:
         shard, shards = roles.producer_shard(rank)

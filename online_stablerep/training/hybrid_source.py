@@ -9,7 +9,7 @@ from typing import Any
 from online_stablerep.config.schema import Config
 from online_stablerep.distributed.groups import JobGroups
 from online_stablerep.records import TrainBatch
-from online_stablerep.training.replay_buffer import ReplayBuffer
+from online_stablerep.replay import ReplayBuffer
 from online_stablerep.transport.messages import TransportError
 from online_stablerep.transport.receiver import Receiver
 
@@ -63,9 +63,10 @@ class HybridSource:
                     self.receiver.notify_room()
                     return batch
                 if self.receiver.all_generators_ended:
-                    # END follows a generator's last data, so nothing more can arrive.
+                    # END follows a generator's last data, so nothing more can arrive: the
+                    # pool drains below its minimum.
                     self._check()
-                    return self.buffer.sample(self.n, self.k)
+                    return self.buffer.sample(self.n, self.k, drain=True)
                 self.buffer.wait_ready(self.n, _POLL_S)
                 silent_s = time.monotonic() - max(start, self.receiver.last_arrival)
                 if silent_s > self.timeout_s:

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from online_stablerep.producers.base import Producer
 from online_stablerep.records import TrainBatch
-from online_stablerep.training.replay_buffer import ReplayBuffer
+from online_stablerep.replay import ReplayBuffer
 
 
 class BatchSource(Protocol):
@@ -39,7 +39,9 @@ class BatchSource(Protocol):
 
 
 class ColocatedSource:
-    """Runs the producer in the trainer's process whenever the buffer lacks a batch."""
+    """Runs the producer in the trainer's process whenever the buffer's pool is below its
+    minimum, so every batch is drawn from a full pool; at the end of the caption stream
+    (train.epochs) the pool drains."""
 
     def __init__(self, producer: Producer, buffer: ReplayBuffer, n: int, k: int) -> None:
         self.producer = producer
@@ -53,7 +55,7 @@ class ColocatedSource:
     def next_batch(self) -> TrainBatch | None:
         while not self.buffer.ready(self.n):
             if self._exhausted:
-                return None
+                return self.buffer.sample(self.n, self.k, drain=True)
             start = time.perf_counter()
             groups = self.producer.next_groups()
             self._produce_s += time.perf_counter() - start

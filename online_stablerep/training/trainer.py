@@ -252,7 +252,9 @@ class Trainer:
                 f"step {self.step}/{self.cfg.train.steps} loss {loss:.4f} "
                 f"lr {values['train/lr']:.2e} {images_per_s:.1f} img/s "
                 f"idle {values['train/idle_fraction']:.0%} "
-                f"buffer {values['buffer/groups']:.0f} reuse {values['buffer/mean_reuse']:.2f}",
+                f"buffer {values['buffer/groups']:.0f} reuse {values['buffer/mean_reuse']:.2f} "
+                f"overlap {values['buffer/batch_overlap']:.0%} "
+                f"spread {values['buffer/use_spread_steps']:.1f} steps",
                 rank=self.rank,
             )
             if self.compare is not None:

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from online_stablerep.distributed.groups import JobGroups
-from online_stablerep.training.replay_buffer import ReplayBuffer
+from online_stablerep.replay import ReplayBuffer
 from online_stablerep.transport import messages as msg
 from online_stablerep.transport.messages import Kind, TransportError
 from online_stablerep.transport.wire import unpack_groups
@@ -195,7 +195,7 @@ class Receiver:
         """Credit to hand out now (under the lock): fill the buffer's free room, most-starved
         generator first, at most credits_per_generator outstanding each."""
         live = [g for g in self.generators if g not in self._ended | self._failed | self._stopped]
-        room = self.buffer.capacity - self.buffer.unused_count() - sum(self._outstanding.values())
+        room = self.buffer.room() - sum(self._outstanding.values())
         grants = dict.fromkeys(live, 0)
         while room > 0:
             open_ = [g for g in live if self._outstanding[g] < self.credits_per_generator]
