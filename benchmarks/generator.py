@@ -96,7 +96,7 @@ def measure_point(ours: Components, stock: Components, captions: list[str], sche
     prompts, ids = captions[:n], list(range(n))
 
     def run_ours() -> None:
-        sampler.generate(prompts, ids, [GUIDANCE] * n, k=k, seed=0, output_size=s["output_size"])
+        sampler.generate(prompts, [(0, i) for i in ids], [GUIDANCE] * n, k=k, seed=0, output_size=s["output_size"])
 
     def run_stock() -> None:
         pipe(prompts, num_images_per_prompt=k, num_inference_steps=steps, guidance_scale=GUIDANCE,

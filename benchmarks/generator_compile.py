@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     ours = Sampler(compiled, steps=steps, vae_decode_chunk=8)
     pipe = stock_pipeline(plain)
     side = plain.resolution // plain.vae_scale_factor
-    noise, _ = initial_noise(0, ids, k, (plain.unet.config.in_channels, side, side))
+    noise, _ = initial_noise(0, [(0, i) for i in ids], k, (plain.unet.config.in_channels, side, side))
 
     def run_ours() -> torch.Tensor:
-        return ours.generate(prompts, ids, [GUIDANCE] * n, k=k, seed=0,
+        return ours.generate(prompts, [(0, i) for i in ids], [GUIDANCE] * n, k=k, seed=0,
                              output_size=plain.resolution)
 
     def run_stock() -> torch.Tensor:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ours(chunk: int):
         sampler = Sampler(contiguous, steps=steps, vae_decode_chunk=chunk)
-        return lambda: sampler.generate(prompts, ids, [GUIDANCE] * n, k=k, seed=0,
+        return lambda: sampler.generate(prompts, [(0, i) for i in ids], [GUIDANCE] * n, k=k, seed=0,
                                         output_size=s["output_size"])
 
     pipe = stock_pipeline(contiguous)

@@ -48,7 +48,7 @@ def test_vocab_check_rejects_a_tokenizer_without_vocabulary(tmp_path):
 
 @pytest.mark.parametrize("guidance", [2.0, 1.0])
 def test_equal_to_stock_pipeline(tiny, guidance):
-    k, caption_ids = 2, [3, 8]
+    k, caption_ids = 2, [(0, 3), (1, 8)]
     side = tiny.resolution // tiny.vae_scale_factor
     noise, _ = initial_noise(0, caption_ids, k, (4, side, side))
     ours = Sampler(tiny, steps=3, vae_decode_chunk=3).generate(
@@ -63,17 +63,17 @@ def test_equal_to_stock_pipeline(tiny, guidance):
 def test_per_caption_guidance_matches_stock_run_per_caption(tiny):
     sampler = Sampler(tiny, steps=3)
     side = tiny.resolution // tiny.vae_scale_factor
-    ours = sampler.generate(CAPTIONS[:3], [0, 1, 2], [2.0, 5.0, 1.0], k=1, seed=4,
+    ours = sampler.generate(CAPTIONS[:3], [(0, 0), (0, 1), (0, 2)], [2.0, 5.0, 1.0], k=1, seed=4,
                             output_size=tiny.resolution)
     for i, scale in enumerate([2.0, 5.0, 1.0]):
-        noise, _ = initial_noise(4, [i], 1, (4, side, side))
+        noise, _ = initial_noise(4, [(0, i)], 1, (4, side, side))
         stock = stock_pipeline(tiny)(CAPTIONS[i], num_inference_steps=3, guidance_scale=scale,
                              latents=noise, output_type="pt").images
         assert (ours[i].int() - (stock * 255).round().int()).abs().max() <= 1
 
 
 def test_output_is_uint8_at_output_size(tiny):
-    images = Sampler(tiny, steps=1).generate(CAPTIONS[:2], [0, 1], [2.0, 2.0], k=3, seed=0,
+    images = Sampler(tiny, steps=1).generate(CAPTIONS[:2], [(0, 0), (0, 1)], [2.0, 2.0], k=3, seed=0,
                                              output_size=40)
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 3, 40, 40)
     assert images.float().std() > 1  # not a constant (e.g. zero) image
@@ -91,12 +91,12 @@ def _cfg(tmp_path, **producer) -> Config:
     return cfg
 
 
-def _groups(producer, calls: int) -> dict[int, torch.Tensor]:
+def _groups(producer, calls: int) -> dict[tuple[int, int], torch.Tensor]:
     out = {}
     for _ in range(calls):
         for group in producer.next_groups():
             assert group.images_kchw.shape == (2, 3, 32, 32)
-            out[group.caption_id] = group
+            out[(group.epoch, group.caption_id)] = group
     return out
 
 
@@ -107,7 +107,7 @@ def test_group_is_the_same_alone_in_a_batch_on_any_shard_and_after_resume(tmp_pa
     first = _groups(batched, 1)
     state = batched.state_dict()
     rest = _groups(batched, 2)
-    assert len(first) + len(rest) == len(CAPTIONS)
+    assert len({c for _, c in first} | {c for _, c in rest}) == len(CAPTIONS)
 
     resumed = build_producer(cfg, shard=0, num_shards=1, device="cpu")
     resumed.load_state_dict(state)
@@ -121,13 +121,41 @@ def test_group_is_the_same_alone_in_a_batch_on_any_shard_and_after_resume(tmp_pa
     single = _groups(alone, 2)
 
     made = {**first, **rest}
-    for caption_id, group in list(again.items()) + list(single.items()):
-        ref = made[caption_id]
+    for key, group in list(again.items()) + list(single.items()):
+        ref = made[key]
         assert group.caption == ref.caption and group.guidance_scale == ref.guidance_scale
         assert (group.images_kchw.int() - ref.images_kchw.int()).abs().max() <= 1
     assert {g.producer_rank for g in single.values()} == {5}
     for producer in (batched, resumed, alone):
         producer.close()
+
+
+def test_every_epoch_makes_new_images_and_resume_remakes_them(tmp_path):
+    # Two captions, one call per epoch: epoch 1 must not repeat epoch 0's images, and a
+    # producer resumed at epoch 1 remakes epoch 1's groups exactly.
+    cfg = _cfg(tmp_path)
+    cfg.captions.path = str(tmp_path / "two.txt")
+    (tmp_path / "two.txt").write_text("a red fox\na blue car\n")
+    cfg.generator = dataclasses.replace(cfg.generator, guidance="2.0")
+    producer = build_producer(cfg, shard=0, num_shards=1, device="cpu")
+    producer.start()
+    epoch0 = {g.caption_id: g for g in producer.next_groups()}
+    state = producer.state_dict()
+    epoch1 = {g.caption_id: g for g in producer.next_groups()}
+    assert {g.epoch for g in epoch0.values()} == {0} and {g.epoch for g in epoch1.values()} == {1}
+    for caption_id in (0, 1):
+        diff = (epoch0[caption_id].images_kchw.int() - epoch1[caption_id].images_kchw.int()).abs()
+        assert diff.float().mean() > 5, "epoch 1 repeated epoch 0's images"
+
+    resumed = build_producer(cfg, shard=0, num_shards=1, device="cpu")
+    resumed.load_state_dict(state)
+    resumed.start()
+    again = {g.caption_id: g for g in resumed.next_groups()}
+    for caption_id in (0, 1):
+        assert again[caption_id].epoch == 1
+        assert torch.equal(again[caption_id].images_kchw, epoch1[caption_id].images_kchw)
+    producer.close()
+    resumed.close()
 
 
 def test_xformers_requested_without_it_warns(tmp_path):
@@ -158,7 +186,7 @@ def test_tiny_autoencoder_from_a_folder_decodes_groups(tmp_path):
     cfg = GeneratorConfig(model="tiny", steps=2, dtype="fp32", tiny_vae=str(tmp_path / "taesd"))
     components = build_components(cfg, "cpu")
     assert type(components.vae).__name__ == "AutoencoderTiny"
-    images = Sampler(components, 2).generate(["a cat"], [0], [2.0], k=2, seed=0, output_size=32)
+    images = Sampler(components, 2).generate(["a cat"], [(0, 0)], [2.0], k=2, seed=0, output_size=32)
     assert images.shape == (1, 2, 3, 32, 32) and images.dtype == torch.uint8
     assert images.float().std() > 0
     with pytest.raises(ValueError, match="generator.tiny_vae"):

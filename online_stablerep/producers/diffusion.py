@@ -24,9 +24,10 @@ class DiffusionProducer:
     """Makes `producer.captions_per_call` caption groups per call from its caption shard.
 
     The caption corpus is opened and validated when the producer is made; the model is built in
-    `start()`. A group is a pure function of (producer.seed, caption id): its guidance scale
-    and the initial noise of each image derive from them, so it is the same on any rank, in any
-    batch, before or after a resume.
+    `start()`. A group is a pure function of (producer.seed, epoch, caption id): its guidance
+    scale derives from (seed, caption id) and the initial noise of each image from all three,
+    so it is the same on any rank, in any batch, before or after a resume, and each pass over
+    the captions makes new images.
     """
 
     def __init__(self, cfg: Config, shard: int, num_shards: int, rank: int = 0,
@@ -65,7 +66,7 @@ class DiffusionProducer:
         # A compiled UNet sees fixed shapes: pad a short last call with copies of its last caption.
         pad = p.captions_per_call - len(ids) if self.cfg.generator.compile else 0
         images = self.sampler.generate(
-            captions + captions[-1:] * pad, ids + ids[-1:] * pad, guidance + guidance[-1:] * pad,
+            captions + captions[-1:] * pad, taken + taken[-1:] * pad, guidance + guidance[-1:] * pad,
             k=p.images_per_caption, seed=p.seed, output_size=p.output_size,
         ).cpu()
         now = time.time()

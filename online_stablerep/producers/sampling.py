@@ -21,9 +21,11 @@ from online_stablerep.producers.pipeline import Components
 _MAX_ELEMENTS = 2**31
 
 
-def image_seed(seed: int, caption_id: int, image_index: int) -> int:
-    """The noise seed of image `image_index` of caption `caption_id`: a pure function."""
-    state = np.random.SeedSequence([seed, caption_id, image_index]).generate_state(2)
+def image_seed(seed: int, epoch: int, caption_id: int, image_index: int) -> int:
+    """The noise seed of image `image_index` of caption `caption_id` in pass `epoch` over the
+    captions: a pure function, so a resumed run remakes identical groups while every epoch
+    makes new images."""
+    state = np.random.SeedSequence([seed, epoch, caption_id, image_index]).generate_state(2)
     return int(state[0]) << 32 | int(state[1])
 
 
@@ -35,16 +37,16 @@ def guidance_for_caption(seed: int, caption_id: int, scales: list[float]) -> flo
     return float(scales[int(rng.integers(len(scales)))])
 
 
-def initial_noise(seed: int, caption_ids: list[int], k: int, latent_chw: tuple[int, int, int]
-                  ) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Noise for k images of each caption, each image from its own CPU generator.
+def initial_noise(seed: int, caption_keys: list[tuple[int, int]], k: int,
+                  latent_chw: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Noise for k images of each (epoch, caption id), each image from its own CPU generator.
 
     Returns:
         (n * k, C, h, w) fp32 CPU noise, caption-major, and the n * k generators (their state
         continues into stochastic scheduler steps, so those stay reproducible too).
     """
-    generators = [torch.Generator().manual_seed(image_seed(seed, c, j))
-                  for c in caption_ids for j in range(k)]
+    generators = [torch.Generator().manual_seed(image_seed(seed, e, c, j))
+                  for e, c in caption_keys for j in range(k)]
     noise = torch.cat([torch.randn((1, *latent_chw), generator=g) for g in generators])
     return noise, generators
 
@@ -169,9 +171,9 @@ class Sampler:
         ]
         return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
 
-    def generate(self, captions: list[str], caption_ids: list[int], guidance: list[float],
-                 k: int, seed: int, output_size: int) -> torch.Tensor:
-        """k images for each of n captions in one batched call.
+    def generate(self, captions: list[str], caption_keys: list[tuple[int, int]],
+                 guidance: list[float], k: int, seed: int, output_size: int) -> torch.Tensor:
+        """k images for each of n captions, keyed by (epoch, caption id), in one batched call.
 
         Returns:
             (n, k, 3, output_size, output_size) uint8 on the components' device.
@@ -182,7 +184,7 @@ class Sampler:
         pooled = pooled.repeat_interleave(k, dim=0) if pooled is not None else None
         side = c.resolution // c.vae_scale_factor
         channels = c.unet.config.in_channels
-        noise, generators = initial_noise(seed, caption_ids, k, (channels, side, side))
+        noise, generators = initial_noise(seed, caption_keys, k, (channels, side, side))
         guidance_b = torch.tensor(guidance, dtype=torch.float32).repeat_interleave(k)
         latents = self.denoise(noise, cond, pooled, guidance_b, generators)
         images = self.decode(latents)
