@@ -125,10 +125,63 @@ def test_blur_matches_torchvision_gaussian_blur() -> None:
     torch.testing.assert_close(augment._blur(x, sigmas), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_blur_sigma_and_downsample_scale_with_output_size() -> None:
+def test_blur_sigma_scales_with_output_size() -> None:
     augment = DeviceAugment(AugmentConfig(blur_sigma_min=0.1, blur_sigma_max=2.0), 112)
     assert augment.sigma_range == pytest.approx((0.05, 1.0))
-    assert augment.downsample_sizes == (32, 64)
+
+
+def test_downsample_shrinks_the_whole_image_before_the_crop() -> None:
+    # Official order: DownSampleAndUpsample on the whole (256 px) image, then the crop. With
+    # one size, the views equal cropping the image that was shrunk and brought back by hand;
+    # shrinking after the crop would give other pixels. Every random parameter is drawn in a
+    # fixed order, so the same seed gives the same crop boxes with and without downsampling.
+    batch = images(n=6, size=128)
+    ops = {**NO_RANDOM_OPS, "crop_scale_min": 0.1, "crop_scale_max": 0.3}
+    down = run(AugmentConfig(**{**ops, "downsample_p": 1.0, "downsample_sizes": [64]}), batch, 32,
+               seed=5)
+    small = F.interpolate(batch.float(), size=(32, 32), mode="bilinear", antialias=True,
+                          align_corners=False)  # 64 px of a 256 px image = a quarter
+    by_hand = F.interpolate(small, size=(128, 128), mode="bilinear", align_corners=False)
+    augment = DeviceAugment(AugmentConfig(**ops), 32)
+    boxes = augment._crop_boxes(6, 128, 128, torch.Generator().manual_seed(5))
+    rois = torch.cat([torch.arange(6, dtype=torch.float32)[:, None], boxes], 1)
+    from torchvision.ops import roi_align
+
+    expected = roi_align(by_hand, rois, output_size=32, spatial_scale=1.0, sampling_ratio=-1,
+                         aligned=True) / 255
+    torch.testing.assert_close(unnormalise(down), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_colour_jitter_applies_each_samples_own_order_like_torchvision() -> None:
+    torch.manual_seed(0)
+    augment = DeviceAugment(AugmentConfig(), 16)
+    x = torch.rand(24, 3, 16, 16)
+    orders = torch.stack([torch.randperm(4) for _ in range(24)])
+    b, c, s = torch.full((24,), 1.3), torch.full((24,), 0.6), torch.full((24,), 1.5)
+    h = torch.full((24,), 0.08)
+    out = augment._color_jitter(x, {0: b, 1: c, 2: s, 3: h}, orders)
+    ops = [lambda t: TF.adjust_brightness(t, 1.3), lambda t: TF.adjust_contrast(t, 0.6),
+           lambda t: TF.adjust_saturation(t, 1.5), lambda t: TF.adjust_hue(t, 0.08)]
+    for i in range(24):
+        expected = x[i : i + 1]
+        for op in orders[i].tolist():
+            expected = ops[op](expected)
+        torch.testing.assert_close(out[i : i + 1], expected, atol=1e-4, rtol=1e-4)
+    # The order matters for these factors: not every sample got the same result.
+    assert not torch.allclose(out[orders[:, 0] == 0][:1], out[orders[:, 0] == 1][:1])
+
+
+def test_jitter_order_is_drawn_per_sample() -> None:
+    # Same image everywhere, jitter always on with fixed factors: views differ only through
+    # the order of the four operations, so a batch shows several distinct results.
+    cfg = AugmentConfig(**{**NO_RANDOM_OPS, "color_jitter_p": 1.0, "brightness": 0.0,
+                           "contrast": 0.0, "saturation": 0.0, "hue": 0.0})
+    batch = images(n=1, size=16).expand(48, -1, -1, -1).contiguous()
+    assert torch.allclose(run(cfg, batch, 16), run(cfg, batch, 16)[:1].expand(48, -1, -1, -1))
+    cfg = AugmentConfig(**{**NO_RANDOM_OPS, "color_jitter_p": 1.0, "brightness": 0.5,
+                           "contrast": 0.5, "saturation": 0.5, "hue": 0.2})
+    out = run(cfg, batch, 16)
+    assert len({tuple(v.flatten()[:8].tolist()) for v in out}) > 20
 
 
 def test_rejects_float_input() -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from online_stablerep.config.schema import Config, LossConfig, ModelConfig
 from online_stablerep.losses.stablerep import StableRepLoss
-from online_stablerep.models.encoder import LOGIT_SCALE_INIT, build_model
+from online_stablerep.models.encoder import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, build_model
 from online_stablerep.models.head import ProjectionHead
 from online_stablerep.models.sync_batchnorm import SyncBatchNorm1d
 from online_stablerep.models.text import tokenize, vocab_size
@@ -67,6 +67,42 @@ def test_text_tower_outputs_and_logit_scale() -> None:
     assert LOGIT_SCALE_INIT == pytest.approx(math.log(1 / 0.07))
     outputs["text_embed"].sum().backward()
     assert model.text_tower.token_embedding.weight.grad is not None
+
+
+def test_image_text_term_uses_its_own_linear_projection_of_the_backbone() -> None:
+    # Official StableRepMM: image_emb = backbone features @ image_projection, not the BN head.
+    torch.manual_seed(0)
+    model = build_model(tiny_config("resnet10t", "mlp_bn", text_tower=True))
+    model.eval()
+    images = torch.randn(N_CAPTIONS * K, 3, SIZE, SIZE)
+    outputs = model(images, K, tokenize(["a", "b", "c"], 12))
+    features = model.encode_image(images)
+    torch.testing.assert_close(outputs["image_text_embed"], features @ model.image_projection.weight.T)
+    assert outputs["image_text_embed"].shape == (N_CAPTIONS * K, 16)
+    assert not torch.allclose(outputs["image_text_embed"], outputs["image_embed"])
+    # The image-text loss reaches the projection and the backbone, not the head.
+    loss = StableRepLoss(LossConfig(image_weight=0.0, text_weight=1.0))(
+        outputs, torch.tensor([5, 6, 7] * K))["loss"]
+    loss.backward()
+    assert model.image_projection.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.head.parameters())
+
+
+def test_logit_scale_keeps_its_gradient_at_the_bound_and_is_clamped_after_the_step() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_config("resnet10t", "mlp_bn", text_tower=True))
+    with torch.no_grad():
+        model.logit_scale.fill_(LOGIT_SCALE_MAX + 0.5)
+    outputs = model(torch.randn(N_CAPTIONS * K, 3, SIZE, SIZE), K, tokenize(["a", "b", "c"], 12))
+    loss = StableRepLoss(LossConfig(image_weight=0.0))(outputs, torch.tensor([5, 6, 7] * K))
+    loss["loss"].backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+    model.clamp_logit_scale()
+    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX)
+    with torch.no_grad():
+        model.logit_scale.fill_(-1.0)
+    model.clamp_logit_scale()
+    assert model.logit_scale.item() == 0.0
 
 
 def test_text_tokens_without_tower_raise() -> None:

@@ -68,8 +68,12 @@ class AugmentConfig:
     blur_sigma_max: float = 2.0
     # Probability of a horizontal flip.
     flip_p: float = 0.5
-    # Probability of the "downsample" augmentation (shrink to 64 or 128 px and back).
+    # Probability of the "downsample" augmentation: the whole image shrinks to one of
+    # downsample_sizes and back before the crop (official order and sizes).
     downsample_p: float = 0.0
+    # Sizes of the downsample augmentation, in px of a 256 px image (scaled with the stored
+    # image size), drawn uniformly.
+    downsample_sizes: list[int] = field(default_factory=lambda: [64, 128])
     # Normalisation mean (ImageNet).
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     # Normalisation std (ImageNet).
@@ -86,7 +90,8 @@ class BatchConfig:
 
 @dataclass
 class OptimConfig:
-    # Learning rate per 256 images of global batch; lr = base_lr * global_batch / 256.
+    # The official --blr: peak lr = base_lr * images per step (all trainers) / 256 / 2, the
+    # official rule with num_crop = 1 (3.225e-3 for 43 captions x 6 images x 32 ranks).
     base_lr: float = 2.0e-4
     # Absolute learning rate; overrides base_lr scaling when > 0.
     lr: float = 0.0

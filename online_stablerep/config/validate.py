@@ -66,6 +66,8 @@ def validate(cfg: Config) -> None:
         value = getattr(a, key)
         _require(0.0 <= value <= 1.0, f"augment.{key}", f"probability {value} not in [0, 1]")
     _require(0 <= a.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
+    _require(len(a.downsample_sizes) > 0 and all(s >= 1 for s in a.downsample_sizes),
+             "augment.downsample_sizes", "must list sizes >= 1")
     _require(0 < a.blur_sigma_min <= a.blur_sigma_max, "augment.blur_sigma_min",
              "need 0 < blur_sigma_min <= blur_sigma_max")
     _require(len(a.mean) == 3 and len(a.std) == 3, "augment.mean", "mean and std need 3 values")

@@ -6,16 +6,11 @@ from it (k of them, target 1/k each). Both directions are averaged.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from online_stablerep.losses.multi_positive import gather_rows, soft_cross_entropy
-
-# CLIP clamps the learnable scale at 100 so the logits cannot blow up.
-MAX_LOGIT_SCALE = math.log(100.0)
 
 
 def image_text_contrastive_loss(
@@ -36,7 +31,8 @@ def image_text_contrastive_loss(
         caption_ids: (N_local,) int64 caption id of each image.
         text_features: (n_local, D) embeddings of this rank's captions.
         text_caption_ids: (n_local,) int64 caption id of each text row.
-        logit_scale: scalar log of the logit multiplier; clamped at log(100).
+        logit_scale: scalar log of the logit multiplier (the trainer clamps the parameter
+            after each optimizer step, as the official code does; no clamp here).
         group: trainer data-parallel group to gather over (None: this rank only).
 
     Returns:
@@ -60,7 +56,7 @@ def image_text_contrastive_loss(
     all_image_ids, _ = gather_rows(caption_ids, group, with_grad=False)  # (N_global,)
     all_text_ids, _ = gather_rows(text_caption_ids, group, with_grad=False)  # (n_global,)
 
-    scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
+    scale = logit_scale.float().exp()
     image_to_text = soft_cross_entropy(
         scale * images @ all_texts.T,  # (N_local, n_global)
         caption_ids[:, None] == all_text_ids[None, :],

@@ -35,8 +35,9 @@ class StableRepLoss(nn.Module):
         """Loss terms of one batch.
 
         Args:
-            outputs: the model's dict: image_embed (N, E), and with a text tower text_embed
-                (n, E) and logit_scale.
+            outputs: the model's dict: image_embed (N, E) for the multi-positive term, and
+                with a text tower image_text_embed (N, E), text_embed (n, E) and logit_scale
+                for the image-text term.
             caption_ids: (N,) int64 caption id of each image row.
             text_caption_ids: (n,) caption id of each text row. Default: the first n entries
                 of caption_ids, which for a view-major batch (records.TrainBatch) are the
@@ -55,7 +56,7 @@ class StableRepLoss(nn.Module):
             if text_caption_ids is None:
                 text_caption_ids = caption_ids[: text_embed.shape[0]]
             loss_text = image_text_contrastive_loss(
-                outputs["image_embed"],
+                outputs["image_text_embed"],
                 caption_ids,
                 text_embed,
                 text_caption_ids,

@@ -1,5 +1,5 @@
 """The StableRep model: a timm backbone, the projection head, and StableRep++'s optional text
-tower with its learnable logit scale."""
+tower with its own linear image projection and learnable logit scale."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from online_stablerep.models.text import build_text_tower
 
 # CLIP's initial temperature 0.07, stored as a log so the optimiser can move it freely.
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
+# The official code clamps the parameter to [0, log 100] after each optimizer step (a clamp
+# inside the forward would zero its gradient for good once it reached the bound).
+LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def build_backbone(name: str, image_size: int, drop_path_rate: float) -> nn.Module:
@@ -40,24 +43,41 @@ def build_backbone(name: str, image_size: int, drop_path_rate: float) -> nn.Modu
 
 
 class StableRepModel(nn.Module):
-    """Backbone + projection head (+ text tower and logit scale for StableRep++).
+    """Backbone + projection head (+ text tower, image projection and logit scale for
+    StableRep++).
+
+    The image-text term uses its own linear projection of the backbone features (the official
+    StableRepMM's `image_projection`), not the BatchNorm MLP head the multi-positive term uses.
 
     Args:
         backbone: maps (N, 3, S, S) images to (N, D) features and exposes `num_features`.
         head: maps (N, D) features to (N, E) embeddings, BatchNorm per view chunk.
-        text_tower: maps (n, L) tokens to (n, E) embeddings, or None.
+        text_tower: maps (n, L) tokens to (n, E) embeddings (its own text projection last),
+            or None.
+        embed_dim: E, the width of the image-text space (with a text tower).
     """
 
     def __init__(
-        self, backbone: nn.Module, head: ProjectionHead, text_tower: nn.Module | None = None
+        self, backbone: nn.Module, head: ProjectionHead, text_tower: nn.Module | None = None,
+        embed_dim: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.text_tower = text_tower
-        self.logit_scale = (
-            nn.Parameter(torch.tensor(LOGIT_SCALE_INIT)) if text_tower is not None else None
-        )
+        self.image_projection: nn.Linear | None = None
+        self.logit_scale: nn.Parameter | None = None
+        if text_tower is not None:
+            width = backbone.num_features
+            self.image_projection = nn.Linear(width, embed_dim, bias=False)
+            nn.init.normal_(self.image_projection.weight, std=width**-0.5)
+            self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Clamp the logit scale to [0, log 100]; the trainer calls it after each step."""
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(N, D) backbone features of normalised (N, 3, S, S) images: what probes evaluate."""
@@ -77,8 +97,9 @@ class StableRepModel(nn.Module):
             text_tokens: (n, L) tokens of the n captions in group order (StableRep++ only).
 
         Returns:
-            image_embed (N, E); with text tokens also text_embed (n, E) and logit_scale (a
-            scalar, the log of the logit multiplier).
+            image_embed (N, E) from the head; with text tokens also image_text_embed (N, E)
+            (the linear image projection), text_embed (n, E) and logit_scale (a scalar, the
+            log of the logit multiplier).
 
         Raises:
             ValueError: when N is not a multiple of k, or text tokens come without a tower.
@@ -87,10 +108,12 @@ class StableRepModel(nn.Module):
             raise ValueError(
                 f"batch of {images.shape[0]} rows does not split into {views_per_caption} views"
             )
-        outputs = {"image_embed": self.head(self.encode_image(images), views_per_caption)}
+        features = self.encode_image(images)
+        outputs = {"image_embed": self.head(features, views_per_caption)}
         if text_tokens is not None:
             if self.text_tower is None:
                 raise ValueError("text tokens given but model.text_tower is false")
+            outputs["image_text_embed"] = self.image_projection(features)
             outputs["text_embed"] = self.text_tower(text_tokens)
             outputs["logit_scale"] = self.logit_scale
         return outputs
@@ -107,4 +130,4 @@ def build_model(cfg: Config, group: dist.ProcessGroup | None = None) -> StableRe
     backbone = build_backbone(m.backbone, m.image_size, m.drop_path_rate)
     head = ProjectionHead(backbone.num_features, m.head_hidden_dim, m.embed_dim, m.head, group)
     text_tower = build_text_tower(m) if m.text_tower else None
-    return StableRepModel(backbone, head, text_tower)
+    return StableRepModel(backbone, head, text_tower, m.embed_dim)

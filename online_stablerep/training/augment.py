@@ -4,7 +4,9 @@ Every sample draws its own parameters, but each operation runs once on the whole
 crop as one roi_align call, the colour operations with per-sample factors broadcast, the blur
 as one grouped convolution. Operations a sample skips are selected away with torch.where, so
 nothing loops over samples and nothing waits for the device. Order (as in the official
-recipe): RandomResizedCrop, downsample, ColorJitter, grayscale, Gaussian blur, flip, normalise.
+recipe): downsample of the whole image, RandomResizedCrop, ColorJitter (its four operations in
+a random order per sample, as torchvision's ColorJitter draws per call), grayscale, Gaussian
+blur, flip, normalise.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from torchvision.ops import roi_align
 
 from online_stablerep.config.schema import AugmentConfig
 
-# Blur sigmas and downsample sizes are given for 224 px views (the paper's) and scale with
-# the output size, so a small CPU run sees the same relative strength.
+# Blur sigmas are given for 224 px views (the paper's) and scale with the output size, so a
+# small CPU run sees the same relative strength; downsample sizes are given for the official
+# 256 px stored images and scale with the stored size.
 REFERENCE_SIZE = 224
-DOWNSAMPLE_SIZES = (64, 128)
+DOWNSAMPLE_REFERENCE = 256
+# ColorJitter's operations, in torchvision's numbering (its random order permutes these).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -81,7 +86,6 @@ class DeviceAugment:
         self.sigma_range = (aug_cfg.blur_sigma_min * scale, aug_cfg.blur_sigma_max * scale)
         # Reflect padding needs the radius below the image side.
         self.blur_radius = max(1, min(math.ceil(3 * self.sigma_range[1]), out_size - 1))
-        self.downsample_sizes = tuple(max(1, round(s * scale)) for s in DOWNSAMPLE_SIZES)
 
     def _crop_boxes(self, n: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
         """(n, 4) RandomResizedCrop boxes x1, y1, x2, y2 in pixel-edge coordinates.
@@ -136,14 +140,43 @@ class DeviceAugment:
         return flat.view(n, c, height, width)
 
     def _downsample(self, x: torch.Tensor, choice_n: torch.Tensor) -> torch.Tensor:
-        """Shrink each sample to one of the downsample sizes (by choice_n) and back."""
+        """Shrink each whole image to one of the downsample sizes (by choice_n; -1 keeps it)
+        and back to its size, as the official DownSampleAndUpsample before the crop."""
         out = x
-        for index, size in enumerate(self.downsample_sizes):
-            small = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                  align_corners=False)
-            back = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        height, width = x.shape[-2:]
+        for index, size in enumerate(self.cfg.downsample_sizes):
+            side = max(1, round(size * height / DOWNSAMPLE_REFERENCE))
+            small = F.interpolate(x, size=(side, max(1, round(side * width / height))),
+                                  mode="bilinear", antialias=True, align_corners=False)
+            back = F.interpolate(small, size=(height, width), mode="bilinear",
+                                 align_corners=False)
             out = torch.where((choice_n == index).view(-1, 1, 1, 1), back, out)
         return out
+
+    def _color_jitter(self, x: torch.Tensor, factors: dict[int, torch.Tensor],
+                      order_n4: torch.Tensor) -> torch.Tensor:
+        """ColorJitter with each sample's own order of the four operations.
+
+        Args:
+            x: (N, 3, H, W) RGB in [0, 1].
+            factors: operation -> (N,) factor; identity (1, or hue 0) for samples without jitter.
+            order_n4: (N, 4) each row a permutation of the operations.
+        """
+        for position in range(4):
+            op_n = order_n4[:, position]
+            for op in (BRIGHTNESS, CONTRAST, SATURATION):
+                factor = torch.where(op_n == op, factors[op], torch.ones_like(factors[op]))
+                if op == BRIGHTNESS:
+                    x = _blend(x, torch.zeros_like(x), factor)
+                elif op == CONTRAST:
+                    x = _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+                else:
+                    x = _blend(x, _gray(x), factor)
+            if self.cfg.hue > 0:
+                # A zero shift is not an exact identity through HSV: skip it instead.
+                shift = (op_n == HUE) & (factors[HUE] != 0)
+                x = torch.where(shift.view(-1, 1, 1, 1), _shift_hue(x, factors[HUE]), x)
+        return x
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -176,32 +209,36 @@ class DeviceAugment:
         sigma = _uniform(n, *self.sigma_range, g)
         flip = _bernoulli(n, cfg.flip_p, g)
         down = _bernoulli(n, cfg.downsample_p, g)
-        down_choice = torch.randint(len(self.downsample_sizes), (n,), generator=g, device=g.device)
-        params = [boxes, jitter, brightness, contrast, saturation, hue, gray, blur, sigma, flip]
-        boxes, jitter, brightness, contrast, saturation, hue, gray, blur, sigma, flip = (
+        down_choice = torch.randint(len(cfg.downsample_sizes), (n,), generator=g, device=g.device)
+        jitter_order = torch.rand((n, 4), generator=g, device=g.device).argsort(dim=1)
+        params = [boxes, jitter, brightness, contrast, saturation, hue, gray, blur, sigma, flip,
+                  jitter_order]
+        boxes, jitter, brightness, contrast, saturation, hue, gray, blur, sigma, flip, order = (
             p.to(device) for p in params
         )
         down_choice = torch.where(down, down_choice, torch.full_like(down_choice, -1)).to(device)
 
-        # 2. RandomResizedCrop; roi_align averages several samples per output pixel when the
-        # crop shrinks, which keeps the resize free of aliasing.
-        rois = torch.cat([torch.arange(n, device=device, dtype=torch.float32)[:, None], boxes], 1)
-        x = roi_align(images.float(), rois, output_size=self.out_size, spatial_scale=1.0,
-                      sampling_ratio=-1, aligned=True) / 255.0  # (N, 3, out, out)
-
-        # 3. Downsample and back, for the few samples that draw it.
+        # 2. Downsample the whole image and back, for the few samples that draw it.
+        x = images.float()
         if cfg.downsample_p > 0:
             x = self._downsample(x, down_choice)
 
-        # 4. ColorJitter in a fixed order; samples without jitter get identity factors.
+        # 3. RandomResizedCrop; roi_align averages several samples per output pixel when the
+        # crop shrinks, which keeps the resize free of aliasing.
+        rois = torch.cat([torch.arange(n, device=device, dtype=torch.float32)[:, None], boxes], 1)
+        x = roi_align(x, rois, output_size=self.out_size, spatial_scale=1.0,
+                      sampling_ratio=-1, aligned=True) / 255.0  # (N, 3, out, out)
+
+        # 4. ColorJitter in each sample's order; samples without jitter get identity factors.
         if cfg.color_jitter_p > 0:
             one = torch.ones_like(brightness)
-            x = _blend(x, torch.zeros_like(x), torch.where(jitter, brightness, one))
-            mean_gray = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-            x = _blend(x, mean_gray, torch.where(jitter, contrast, one))
-            x = _blend(x, _gray(x), torch.where(jitter, saturation, one))
-            if cfg.hue > 0:
-                x = torch.where(jitter.view(-1, 1, 1, 1), _shift_hue(x, hue), x)
+            factors = {
+                BRIGHTNESS: torch.where(jitter, brightness, one),
+                CONTRAST: torch.where(jitter, contrast, one),
+                SATURATION: torch.where(jitter, saturation, one),
+                HUE: torch.where(jitter, hue, torch.zeros_like(hue)),
+            }
+            x = self._color_jitter(x, factors, order)
 
         # 5. Grayscale (three equal channels), blur, flip.
         if cfg.grayscale_p > 0:

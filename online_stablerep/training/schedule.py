@@ -26,12 +26,14 @@ def warmup_cosine(
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, embeddings' position/cls tokens, scales."""
+    """AdamW groups as the official add_weight_decay: no decay on tensors of fewer than two
+    dimensions (biases, norm and BatchNorm weights, the logit scale), decay on the rest,
+    the ViT's position embedding and class token included."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token", "logit_scale")):
+        if param.ndim < 2 or name.endswith(".bias"):
             no_decay.append(param)
         else:
             decay.append(param)

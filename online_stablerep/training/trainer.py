@@ -54,11 +54,16 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def peak_lr(cfg: Config, trainer_world: int) -> float:
-    """optim.lr if set, else base_lr scaled by the global batch (images per step / 256)."""
+    """optim.lr if set, else the official rule: base_lr x images per step / 256 / 2.
+
+    The official main_stablerep.py scales blr by the global images per step / 256, then by
+    num_crop / 2 with num_crop = 1 (its scaling assumed two crops per image); each of our k
+    views is one crop of a different image, so base_lr is the official --blr.
+    """
     if cfg.optim.lr > 0:
         return cfg.optim.lr
     images = cfg.batch.captions_per_batch * cfg.batch.views_per_caption * trainer_world
-    return cfg.optim.base_lr * images / 256
+    return cfg.optim.base_lr * images / 256 / 2
 
 
 def deepspeed_config(cfg: Config, rows_per_rank: int, bf16: bool) -> dict[str, Any]:
@@ -99,9 +104,12 @@ class Trainer:
         self.n = cfg.batch.captions_per_batch
         self.k = cfg.batch.views_per_caption
 
-        # 1. Model, loss and augmentation; seeded identically on every trainer rank.
+        # 1. Model, loss and augmentation: identical initial weights on every trainer rank,
+        # then each rank's own random streams (drop path and the like) from seed + rank, as
+        # the official code seeds them.
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, group=self.group if self.world > 1 else None)
+        torch.manual_seed(cfg.seed + self.rank)
         self.loss_fn = StableRepLoss(cfg.loss, group=self.group if self.world > 1 else None)
         self.augment = DeviceAugment(cfg.augment, cfg.model.image_size)
         self.aug_generator = torch.Generator(device=device).manual_seed(
@@ -306,6 +314,7 @@ class Trainer:
             # 3. Backward and optimizer step (DeepSpeed averages gradients over the group).
             self.engine.backward(terms["loss"])
             self.engine.step()
+            self.engine.module.clamp_logit_scale()
             self.step += 1
             steps_since += 1
             self.losses.append(loss)
