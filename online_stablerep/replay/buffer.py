@@ -30,7 +30,7 @@ def default_min_pool(n: int, max_reuse: int) -> int:
     return n if max_reuse <= 1 else 4 * n
 
 
-@dataclass
+@dataclass(eq=False)  # identity: list.remove must not compare image tensors
 class _Slot:
     group: CaptionGroup
     uses: int = 0
