@@ -157,7 +157,7 @@ class Trainer:
         model_state = self.engine.module.state_dict() if self.rank == 0 else None
         return ckpt.save_checkpoint(
             self.cfg.output_dir, self.step, model_state, self._rank_state(), self.group,
-            keep=self.cfg.train.keep_checkpoints,
+            keep=self.cfg.train.keep_checkpoints, timeout_s=self.cfg.transport.collective_timeout_s,
         )
 
     def _load_optimizer(self, optimizer_state: dict[str, Any]) -> None:
