@@ -142,14 +142,15 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
 
     def _rank_state(self) -> dict[str, Any]:
+        buffer_state, source_state = self.source.snapshot(self.cfg.replay.checkpoint_contents)
         return {
             "step": self.step,
             "optimizer": self.engine.optimizer.state_dict(),
             "scheduler": self.engine.lr_scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "aug_generator": self.aug_generator.get_state(),
-            "buffer": self.source.buffer.state_dict(self.cfg.replay.checkpoint_contents),
-            "source": self.source.state_dict(),
+            "buffer": buffer_state,
+            "source": source_state,
             "losses": list(self.losses),
         }
 
