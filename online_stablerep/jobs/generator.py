@@ -13,6 +13,7 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,12 +29,18 @@ from online_stablerep.transport.sender import GeneratorLink
 LOG_EVERY_S = 30.0
 
 
-def run_generator(cfg: Config, groups: JobGroups, make_producer: Callable[[], Producer]) -> int:
-    """Feed the trainer ranks until they stop or the caption stream ends; returns 0.
+def run_generator(
+    cfg: Config, groups: JobGroups, make_producer: Callable[[], Producer],
+    stop: threading.Event | None = None,
+) -> int:
+    """Feed the trainer ranks until they stop, the caption stream ends, or `stop` is set;
+    returns 0.
 
     Args:
         make_producer: builds this rank's producer. Called inside the failure path, so a bad
             caption corpus reaches the trainers as FAIL with its reason.
+        stop: set by SIGTERM/SIGINT: the generator ends its stream (END), as at the end of the
+            captions, and waits for the trainers' STOP.
 
     Raises:
         TransportError: a trainer failed, aborted, or stopped answering (names the rank).
@@ -41,6 +48,7 @@ def run_generator(cfg: Config, groups: JobGroups, make_producer: Callable[[], Pr
     """
     rank = groups.rank
     link = GeneratorLink(groups, cfg.transport.timeout_s, cfg.transport.startup_timeout_s)
+    link.interrupt = stop
     sent: list[list[int]] = []  # (caption_id, epoch, rank) of every group sent (train.audit)
     producer: Producer | None = None
     try:
@@ -61,6 +69,10 @@ def run_generator(cfg: Config, groups: JobGroups, make_producer: Callable[[], Pr
             # 2. Produce only while some trainer has room: credit bounds every buffer.
             if not link.wait_credit():
                 break
+            if stop is not None and stop.is_set():
+                console("stopping on a signal: END sent", role="generator", rank=rank)
+                link.finish()
+                return 0
             before = producer.state_dict()
             made = producer.next_groups()
             if not made:

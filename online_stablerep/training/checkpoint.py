@@ -20,6 +20,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,17 @@ def _candidates(root: Path) -> list[tuple[int, Path]]:
     return [(step, p) for step, _, p in sorted(found, reverse=True)]
 
 
-def newest_checkpoint(output_dir: str | Path) -> Path | None:
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def newest_checkpoint(
+    output_dir: str | Path, warn: Callable[[str], None] = _warn
+) -> Path | None:
     """The newest checkpoint folder whose manifest verifies, or None when there is none.
 
-    A newer folder that does not verify is skipped with a warning naming it and why.
+    A newer folder that does not verify is skipped with a warning (given to `warn`) naming it
+    and why.
 
     Raises:
         CheckpointError: checkpoints exist but none verifies (names them and what to do).
@@ -111,10 +119,8 @@ def newest_checkpoint(output_dir: str | Path) -> Path | None:
         problem = verify_checkpoint(path)
         if problem is None:
             if bad:
-                warnings.warn(
-                    f"skipping newer checkpoints that do not verify ({'; '.join(bad)}): "
-                    f"resuming from {path}", stacklevel=2,
-                )
+                warn(f"skipping newer checkpoints that do not verify ({'; '.join(bad)}): "
+                     f"using {path}")
             return path
         if "did not finish" not in problem:
             bad.append(f"{path}: {problem}")
@@ -148,9 +154,11 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _disk_full(err: BaseException) -> bool:
-    # torch.save reports a short write as "[enforce fail at inline_container.cc] unexpected pos".
+    # torch.save reports a short write as "[enforce fail at inline_container.cc] unexpected pos"
+    # (or "file write failed"), never with the errno.
     return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        isinstance(err, RuntimeError) and "unexpected pos" in str(err)
+        isinstance(err, RuntimeError)
+        and ("unexpected pos" in str(err) or "file write failed" in str(err))
     )
 
 

@@ -3,6 +3,7 @@ receiver thread fills with caption groups sent by generator ranks."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -34,9 +35,11 @@ class HybridSource:
 
     def __init__(
         self, buffer: ReplayBuffer, receiver: Receiver, n: int, k: int, timeout_s: float,
-        startup_timeout_s: float | None = None,
+        startup_timeout_s: float | None = None, stop: threading.Event | None = None,
     ) -> None:
         self.buffer = buffer
+        # Set by SIGTERM/SIGINT: a waiting next_batch returns None so the trainer can stop.
+        self.stop = stop
         self.receiver = receiver
         self.n = n
         self.k = k
@@ -61,6 +64,8 @@ class HybridSource:
         try:
             while True:
                 self._check()
+                if self.stop is not None and self.stop.is_set():
+                    return None
                 batch = self.buffer.sample(self.n, self.k)
                 if batch is not None:
                     self.receiver.notify_room()
@@ -128,9 +133,11 @@ class HybridSource:
         self.buffer.close()
 
 
-def build_hybrid_source(cfg: Config, groups: JobGroups, buffer: ReplayBuffer) -> HybridSource:
+def build_hybrid_source(
+    cfg: Config, groups: JobGroups, buffer: ReplayBuffer, stop: threading.Event | None = None
+) -> HybridSource:
     """The HybridSource of this trainer rank, from `transport.*` and `batch.*`."""
     t = cfg.transport
     receiver = Receiver(groups, buffer, t.credits_per_generator, t.timeout_s, t.startup_timeout_s)
     return HybridSource(buffer, receiver, cfg.batch.captions_per_batch,
-                        cfg.batch.views_per_caption, t.timeout_s, t.startup_timeout_s)
+                        cfg.batch.views_per_caption, t.timeout_s, t.startup_timeout_s, stop)

@@ -49,6 +49,8 @@ class GeneratorLink:
         self.idle_s = 0.0
         # Until the first batch is queued, keepalives tell trainers "alive, warming up".
         self.warming = True
+        # When set (a signal), waits for credit return early so the caller can stop.
+        self.interrupt: threading.Event | None = None
         self._cond = threading.Condition()
         self._state = dict.fromkeys(self.trainers, TrainerState.WAITING)
         self._credit = dict.fromkeys(self.trainers, 0)
@@ -79,6 +81,9 @@ class GeneratorLink:
                     f"for {self.timeout_s:g} s (transport.timeout_s)"
                 )
                 raise self.error
+
+    def _interrupted(self) -> bool:
+        return self.interrupt is not None and self.interrupt.is_set()
 
     def _all_stopped(self) -> bool:
         return all(s in proto.STOPPED for s in self._state.values())
@@ -115,7 +120,7 @@ class GeneratorLink:
                 self._raise_if_failed()
                 if proto.pick_trainer(self._credit, self._state, 1) is not None:
                     break
-                if self._all_stopped():
+                if self._all_stopped() or self._interrupted():
                     break
                 self._cond.wait(timeout=0.5)
             self.idle_s += time.monotonic() - start
@@ -135,7 +140,7 @@ class GeneratorLink:
                     if taken is not None:
                         self._credit[taken[0]] -= taken[1]
                         return taken
-                    if self._all_stopped():
+                    if self._all_stopped() or self._interrupted():
                         return None
                     self._cond.wait(timeout=0.5)
             finally:
