@@ -17,7 +17,7 @@ def free_port() -> int:
 
 
 def start_ranks(world: int, args: list[str], log_dir: Path, module: str = "online_stablerep.cli",
-                env: dict | None = None) -> list[subprocess.Popen]:
+                extra_env: dict | None = None) -> list[subprocess.Popen]:
     """`python -m MODULE train ARGS` on `world` ranks; logs in log_dir/rankN.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
@@ -26,7 +26,7 @@ def start_ranks(world: int, args: list[str], log_dir: Path, module: str = "onlin
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": "1", **(env or {})}
+               "OMP_NUM_THREADS": "1", **(extra_env or {})}
         log = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 (closed with the process)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", module, "train", *args],

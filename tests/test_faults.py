@@ -13,6 +13,7 @@ checkpoint state and a successful resume (issue 9, faults 1 to 6).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,15 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def hybrid_args(out: Path, *extra: str) -> list[str]:
-    return [f"output_dir={out}", *TINY_PROCEDURAL, "roles.generators=1", "replay.capacity=16",
+    return [f"output_dir={out}", *TINY_PROCEDURAL, "roles.generators=1",
+            "replay.max_reuse=2",
             "producer.captions_per_call=4", "transport.credits_per_generator=4",
             "train.checkpoint_every=2", "transport.timeout_s=10", *extra]
 
 
-def wait_until(predicate, timeout: float, what: str, log: Path) -> None:
+def wait_until(predicate, timeout: float, what: str, log: Path, job: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"{what}; log:\n{log.read_text()[-3000:]}"
+        ok = time.monotonic() < deadline and job.poll() is None
+        assert ok, f"{what}; log:\n{log.read_text()[-3000:]}"
         time.sleep(0.3)
 
 
@@ -77,7 +80,7 @@ def test_launcher_faults(tmp_path):
     # 1. Fault 2: a generator killed outright (SIGKILL: the OOM killer) is named with its role.
     log1 = tmp_path / "killed.log"
     job = launch(out, log1, "train.steps=100000")
-    wait_until(lambda: newest_checkpoint(out) is not None, 150, "no first checkpoint", log1)
+    wait_until(lambda: newest_checkpoint(out) is not None, 150, "no first checkpoint", log1, job)
     generator_pid = last_words(out)[1]["pid"]
     os.kill(generator_pid, signal.SIGKILL)
     code = job.wait(timeout=90)
@@ -91,7 +94,7 @@ def test_launcher_faults(tmp_path):
     # trainer saves a checkpoint of that step first.
     log2 = tmp_path / "sigterm.log"
     job = launch(out, log2, "train.steps=100000", "resume=true")
-    wait_until(lambda: steps_logged(log2) >= killed_at + 1, 150, "no step after resume", log2)
+    wait_until(lambda: steps_logged(log2) >= killed_at + 1, 150, "no step after resume", log2, job)
     assert f"at step {killed_at}" in log2.read_text()  # "resumed from ... at step N"
     pids = [w["pid"] for w in last_words(out).values()]
     job.send_signal(signal.SIGTERM)
@@ -111,12 +114,18 @@ def test_launcher_faults(tmp_path):
     # keepalives say "warming up" and the resumed job finishes.
     logs3 = tmp_path / "slow"
     procs = start_ranks(2, ["--config", "cpu_procedural", *hybrid_args(
-        out, f"train.steps={stopped_at + 2}", "resume=true", "transport.timeout_s=4",
+        out, f"train.steps={stopped_at + 4}", "resume=true", "transport.timeout_s=4",
         "transport.startup_timeout_s=60")], logs3, module="tests.fault_entry",
-        env={"FAULT_SLOW_BUILD_S": "10"})
+        extra_env={"FAULT_SLOW_BUILD_S": "10"})
     assert wait_all(procs, timeout=150) == [0, 0], read_logs(logs3)[-3000:]
-    assert read_summary(out)["steps"] == stopped_at + 2
-    assert f"at step {stopped_at}" in (logs3 / "rank0.log").read_text()
+    assert read_summary(out)["steps"] == stopped_at + 4
+    trainer_log = (logs3 / "rank0.log").read_text()
+    assert f"at step {stopped_at}" in trainer_log
+    # The trainer needed the slow generator's groups: it finished after the generator resumed.
+    resumed = re.search(r"\[(\S+) generator rank 1\] resuming",
+                        (logs3 / "rank1.log").read_text()).group(1)
+    finished = re.search(r"\[(\S+) train rank 0\] finished", trainer_log).group(1)
+    assert resumed <= finished, (resumed, finished)
 
 
 def in_namespace(script: str, timeout: float) -> subprocess.CompletedProcess:

@@ -204,8 +204,9 @@ def run_job(cfg: Config) -> int:
     role = "trainer" if roles.is_trainer(rank) else "generator"
     write_last_word(cfg.output_dir, rank, role, "running")
     try:
-        # 2. torch.distributed first (no device_id), then DeepSpeed reuses it.
-        init_with_deepspeed(device, cfg.transport.timeout_s)
+        # 2. torch.distributed first (no device_id), then DeepSpeed reuses it. Ranks start at
+        # different speeds (imports on a loaded node): the rendezvous has the start-up budget.
+        init_with_deepspeed(device, cfg.transport.startup_timeout_s)
         groups = create_groups(roles, device, cfg.transport.timeout_s)
         if rank == 0:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
