@@ -184,3 +184,34 @@ def test_pick_trainer_with_no_credit_left_returns_none_instead_of_raising():
     # Every trainer stopped while the generator waited: nothing to take (was a ValueError).
     assert pick_trainer({0: 0, 1: 0}, {0: T.STOPPING, 1: T.OPEN}, most=4) is None
     assert pick_trainer({}, {}, most=4) is None
+
+
+# ---- the start-up budget, with a scripted generator in place of gloo --------------------------
+
+
+def test_a_warming_generator_is_kept_until_the_startup_budget_then_named(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from online_stablerep.replay import ReplayBuffer
+    from online_stablerep.transport import messages as msg
+    from online_stablerep.transport.receiver import Receiver
+
+    def keepalives(group, src, timeout_s):
+        time.sleep(0.1)  # "alive, warming up", ten times a second, for ever
+        return 1, Kind.KEEPALIVE, [1, 0]
+
+    monkeypatch.setattr(msg, "recv_message", keepalives)
+    monkeypatch.setattr(msg, "send_message", lambda *a, **k: None)
+    roles = SimpleNamespace(trainer_ranks=[0], generator_ranks=[1])
+    groups = SimpleNamespace(rank=0, roles=roles, data_plane="data", control="control")
+    receiver = Receiver(groups, ReplayBuffer(8, 1), 4, timeout_s=0.5, startup_timeout_s=2.0)
+    receiver.start()
+    time.sleep(1.2)  # past timeout_s: still fine, it is warming up
+    assert receiver.error is None and receiver.warming() == [1]
+    deadline = time.monotonic() + 5
+    while receiver.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "generator rank 1 still warming up" in str(receiver.error)
+    assert "transport.startup_timeout_s" in str(receiver.error)
+    assert receiver.states()[1] == GenState.LOST

@@ -47,9 +47,13 @@ def _check_backbone(cfg: Config) -> None:
     name, size = cfg.model.backbone, cfg.model.image_size
     _require(timm.is_model(name),
              f"model.backbone={name!r} is not a timm model name (see timm.list_models())")
-    # On the meta device nothing is allocated: only the patch size is read.
-    with torch.device("meta"):
-        backbone = build_backbone(name, size, 0.0)
+    # On the meta device nothing is allocated: only the patch size is read. A model that cannot
+    # be built there is checked when it is built for real.
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(name, size, 0.0)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        return
     patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
     if patch:
         p = int(patch[0]) if isinstance(patch, (tuple, list)) else int(patch)
