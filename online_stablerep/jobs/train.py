@@ -179,16 +179,12 @@ def _failure(err: BaseException) -> tuple[str, str, bool]:
 def run_job(cfg: Config) -> int:
     """Run this rank's part of the job; returns the process exit code.
 
-    Every way out leaves a last word in `output_dir/ranks/rank{N}.json` (jobs/shutdown.py).
+    Past the input check, every way out leaves a last word in `output_dir/ranks/rank{N}.json`
+    (jobs/shutdown.py), and SIGTERM/SIGINT ask the rank to stop at its next step.
 
     Raises:
         InputError: bad input, before any process group or model exists (the CLI exits 2).
     """
-    rank = int(os.environ.get("RANK", "0"))
-    stop = StopRequest()
-    stop.install(lambda name: console(
-        f"received {name}: stopping at the next step (trainers save a checkpoint first)",
-        rank=rank))
     single_process_env()
     device = default_device()
     if device.type == "cuda":
@@ -197,11 +193,16 @@ def run_job(cfg: Config) -> int:
         _pin_cpu_cores()
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
+    rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     # 1. Everything that can fail on bad input fails here, before any group or model exists
     # (InputError: the CLI prints one line and exits 2).
     roles = check_inputs(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     role = "trainer" if roles.is_trainer(rank) else "generator"
+    stop = StopRequest()
+    stop.install(lambda name: console(
+        f"received {name}: stopping at the next step (trainers save a checkpoint first)",
+        role="train" if role == "trainer" else "generator", rank=rank))
     write_last_word(cfg.output_dir, rank, role, "running")
     try:
         # 2. torch.distributed first (no device_id), then DeepSpeed reuses it. Ranks start at
