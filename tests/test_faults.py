@@ -184,7 +184,8 @@ ls {ckpts} > {tmp_path}/after_resume.txt
     report = result.stdout + result.stderr
     full_err = (tmp_path / "full.err").read_text()
     assert "full exit 1" in report, report + full_err[-3000:]
-    assert "[trainer rank 0] failed: cannot write checkpoint" in full_err, full_err[-3000:]
+    assert "[trainer rank 0] failed: CheckpointError: cannot write checkpoint" in full_err, (
+        full_err[-3000:])
     assert "no space left on device" in full_err and ".tmp" in full_err, full_err[-3000:]
     assert "Traceback" not in full_err, full_err[-3000:]
     after_full = (tmp_path / "after_full.txt").read_text().split()

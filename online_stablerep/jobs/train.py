@@ -62,7 +62,7 @@ def _pin_cpu_cores() -> None:
 
 def _trainer_source(
     cfg: Config, roles: Roles, groups: JobGroups, rank: int, device: torch.device,
-    stop: StopRequest,
+    stop: StopRequest | None = None,
 ) -> BatchSource:
     buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse,
                           min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
