@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_PROCEDURAL, read_summary, tensorboard_tags
+from tests.helpers import TINY_PROCEDURAL, batch_overlap, read_summary, tensorboard_tags
 from tests.jobs import read_logs, start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
@@ -24,6 +24,7 @@ def job_args(out: Path, generators: int, *extra: str) -> list[str]:
     return ["--config", "cpu_procedural", f"output_dir={out}", *TINY_PROCEDURAL,
             f"roles.generators={generators}", f"batch.captions_per_batch={N}",
             f"batch.views_per_caption={K}", f"replay.max_reuse={R}", "replay.capacity=16",
+            "replay.min_pool=16",
             "producer.captions_per_call=4", "transport.credits_per_generator=4",
             "train.audit=true", "transport.timeout_s=60", *extra]
 
@@ -46,6 +47,10 @@ def check_accounting(out: Path, trainers: int, generators: int) -> None:
         # every group a trainer received was trained on or is still held unused
         assert counters["groups_added"] == len(uses) + a["held_unused"]
         received_total += counters["groups_added"]
+        # random draws from a pool of 16: about n / P * (1 - 1 / R) = 1/4 repeated
+        expected = N / 16 * (1 - 1 / R)
+        assert abs(batch_overlap(a["batches"]) - expected) < 0.15, a["batches"]
+        assert a["batch_overlap"] == pytest.approx(batch_overlap(a["batches"]))
     # only groups in flight at the stop can be lost: bounded by the credit granted
     assert 0 <= len(sent) - received_total <= 4 * trainers * generators
 

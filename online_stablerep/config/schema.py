@@ -227,6 +227,9 @@ class ReplayConfig:
     min_pool: int = 0
     # Draw weight of a never-used group relative to a used one (1 = uniform random draws).
     fresh_weight: float = 1.0
+    # How a batch is drawn: "random" (from the pool above) or "sequential" (the old rule:
+    # unused groups first, then least used, oldest first, min_pool n; kept for comparison).
+    draw: str = "random"
     # Save the held groups in checkpoints, so a resumed run loses nothing it had received
     # (costs capacity x group size of disk per trainer rank).
     checkpoint_contents: bool = True

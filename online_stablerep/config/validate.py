@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from online_stablerep.config.schema import Config
-from online_stablerep.replay.buffer import default_min_pool
+from online_stablerep.replay.buffer import DRAWS, default_min_pool
 
 GUIDANCE_PRESETS: dict[str, list[float]] = {
     "small": [2.0, 3.0],
@@ -129,6 +129,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1")
     _require(cfg.replay.min_pool >= 0, "replay.min_pool", "must be >= 0 (0 = auto)")
     _require(cfg.replay.fresh_weight > 0, "replay.fresh_weight", "must be > 0")
+    _require(cfg.replay.draw in DRAWS, "replay.draw", f"must be one of {', '.join(DRAWS)}")
     pool = resolved_min_pool(cfg)
     _require(cfg.replay.capacity >= pool, "replay.capacity",
              f"{cfg.replay.capacity} < replay.min_pool={pool} (the pool a batch is drawn from; "
@@ -172,4 +173,4 @@ def resolved_min_pool(cfg: Config) -> int:
     """`replay.min_pool`, with 0 (auto) sized from captions_per_batch and max_reuse."""
     if cfg.replay.min_pool > 0:
         return max(cfg.replay.min_pool, cfg.batch.captions_per_batch)
-    return default_min_pool(cfg.batch.captions_per_batch, cfg.replay.max_reuse)
+    return default_min_pool(cfg.batch.captions_per_batch, cfg.replay.max_reuse, cfg.replay.draw)

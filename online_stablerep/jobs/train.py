@@ -67,7 +67,8 @@ def _trainer_source(
 ) -> BatchSource:
     buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse,
                           min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
-                          seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit)
+                          seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit,
+                          draw=cfg.replay.draw)
     n, k = cfg.batch.captions_per_batch, cfg.batch.views_per_caption
     if roles.colocated:
         shard, shards = roles.producer_shard(rank)
