@@ -58,5 +58,5 @@ def tensorboard_tags(log_dir: Path) -> set[str]:
 
 def batch_overlap(batches: list[list[int]]) -> float:
     """Mean fraction of a batch's caption ids that were in the previous batch (from an audit)."""
-    pairs = list(zip(batches, batches[1:]))
+    pairs = list(zip(batches[:-1], batches[1:], strict=True))
     return sum(len(set(a) & set(b)) / len(b) for a, b in pairs) / len(pairs)

@@ -156,3 +156,21 @@ def test_vit_b16_view_costs_three_forwards():
     # timm's often-quoted 17.6 "GFLOPs" for ViT-B/16 are multiply-adds: 35 GFLOP forward.
     cfg = load_config("sd15_vitb16", ["batch.captions_per_batch=2", "batch.views_per_caption=2"])
     assert 100e9 < train_flops_per_view(cfg) < 110e9
+
+
+def test_reuse_evidence_names_the_largest_reuse_within_tolerance(tmp_path):
+    import json
+
+    from online_stablerep.planning.reuse_evidence import load_reuse_evidence
+
+    assert load_reuse_evidence(tmp_path) is None
+    rows = [{"max_reuse": r, "draw": draw, "k": 4, "linear_top1": top1}
+            for r, top1 in [(1, 0.60), (1, 0.62), (3, 0.60), (9, 0.595), (27, 0.50)]
+            for draw in ("random", "sequential")]
+    rows.append({"max_reuse": 27, "draw": "random", "k": 2, "linear_top1": 0.9})  # other k
+    (tmp_path / "reuse-cpu-2core.json").write_text(
+        json.dumps({"settings": {"steps": 300}, "rows": rows}))
+    evidence = load_reuse_evidence(tmp_path)
+    assert evidence.top1_by_reuse[1] == pytest.approx(0.61)
+    assert evidence.supported_reuse == 9  # 0.595 >= 0.61 - 0.02; R=27 falls 11 points
+    assert "R=27 0.500" in evidence.note() and "reuse up to 9" in evidence.note()

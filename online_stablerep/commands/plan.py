@@ -12,6 +12,7 @@ from online_stablerep.commands.common import add_config_arguments, load_or_repor
 from online_stablerep.config.schema import Config
 from online_stablerep.planning import flops
 from online_stablerep.planning.planner import Plan, format_plan, plan_split
+from online_stablerep.planning.reuse_evidence import load_reuse_evidence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +144,9 @@ def make_plan(args: argparse.Namespace, cfg: Config) -> Plan:
     if args.reuse_budget is None:
         plan.notes.append(f"reuse budget: the config's replay.max_reuse={budget} "
                           "(--reuse-budget sets another)")
+    evidence = load_reuse_evidence()
+    plan.notes.append(evidence.note() if evidence else
+                      "reuse cost not measured here: run benchmarks/reuse.py")
     return plan
 
 
