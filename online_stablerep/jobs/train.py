@@ -6,6 +6,7 @@ order, then takes its role: trainer ranks run the Trainer, generator ranks feed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,12 @@ from online_stablerep.config.validate import resolved_min_pool
 from online_stablerep.distributed.env import default_device
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
-from online_stablerep.monitoring.metrics import MetricSink, TensorBoardSink, console
+from online_stablerep.monitoring.metrics import (
+    MetricSink,
+    TensorBoardSink,
+    console,
+    flat_hparams,
+)
 from online_stablerep.producers import build_producer
 from online_stablerep.replay import ReplayBuffer
 from online_stablerep.training.sources import BatchSource, ColocatedSource
@@ -129,11 +135,25 @@ def _run_trainer(cfg: Config, roles: Roles, groups: JobGroups, device: torch.dev
         _write_summary(cfg, result)
         console(f"finished: {result.steps} steps ({result.stopped_because}), "
                 f"checkpoint {result.checkpoint}", rank=rank)
+        probe = {}
         if cfg.eval.probe_at_end:
             from online_stablerep.eval.run import probe_after_training
 
-            probe_after_training(cfg, trainer.engine.module, device)
+            probe = probe_after_training(cfg, trainer.engine.module, device)
+        _write_hparams(cfg, result, probe)
     return 0
+
+
+def _write_hparams(cfg: Config, result: TrainResult, probe: dict) -> None:
+    """The run's config beside its final figures in TensorBoard's HParams tab, so runs of an
+    experiment (reuse, guidance, recipes) compare side by side."""
+    metrics = {"final/loss": result.losses[-1] if result.losses else float("nan"),
+               "final/steps": float(result.steps)}
+    metrics.update({f"final/{key}": float(value) for key, value in probe.items()
+                    if isinstance(value, float)})
+    sink = TensorBoardSink(Path(cfg.output_dir) / "tensorboard" / "train")
+    sink.hparams(flat_hparams(dataclasses.asdict(cfg)), metrics)
+    sink.close()
 
 
 def _write_summary(cfg: Config, result: TrainResult) -> None:

@@ -81,6 +81,7 @@ class ReplayBuffer:
         self._generator = torch.Generator().manual_seed(seed)
         # Run-long accounting (also saved in checkpoints as statistics).
         self.groups_added = 0
+        self.images_added = 0
         self.groups_drawn = 0
         self.draws = 0
         self.evicted_unused = 0
@@ -115,6 +116,12 @@ class ReplayBuffer:
         with self._lock:
             return len(self._slots)
 
+    def newest(self, count: int) -> list[CaptionGroup]:
+        """The `count` most recently received groups held, newest first (for image grids)."""
+        with self._lock:
+            slots = sorted(self._slots, key=lambda s: -s.order)[:count]
+            return [s.group for s in slots]
+
     def add(self, groups: list[CaptionGroup]) -> None:
         """Insert groups, evicting the most-used ones when full; wakes a waiting sampler."""
         with self._lock:
@@ -127,6 +134,7 @@ class ReplayBuffer:
                 self._slots.append(_Slot(group=group, order=self._arrivals))
                 self._arrivals += 1
                 self.groups_added += 1
+                self.images_added += group.num_images
             self._lock.notify_all()
 
     def _retire(self, slot: _Slot) -> None:
@@ -258,6 +266,7 @@ class ReplayBuffer:
         with self._lock:
             return {
                 "groups_added": self.groups_added,
+                "images_added": self.images_added,
                 "groups_drawn": self.groups_drawn,
                 "draws": self.draws,
                 "evicted_unused": self.evicted_unused,

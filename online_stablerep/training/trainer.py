@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
@@ -21,7 +22,9 @@ from online_stablerep.distributed.env import get_rank, get_world_size
 from online_stablerep.distributed.groups import JobGroups, TrainerMPU
 from online_stablerep.losses import StableRepLoss
 from online_stablerep.models.encoder import build_model
-from online_stablerep.monitoring.metrics import MetricSink, console, group_grid
+from online_stablerep.monitoring.layout import BalanceAdvisor, custom_scalars_layout
+from online_stablerep.monitoring.metrics import MetricSink, console
+from online_stablerep.producers.preview import render_grid
 from online_stablerep.records import TrainBatch
 from online_stablerep.training import checkpoint as ckpt
 from online_stablerep.training.augment import DeviceAugment
@@ -138,6 +141,11 @@ class Trainer:
         self.losses: list[float] = []
         # Caption ids of every batch, in group order (train.audit).
         self.audit_batches: list[list[int]] = []
+        # Views trained and images received at the previous log step (implied reuse).
+        self._balance0: tuple[int, int] | None = None
+        self.advisor = BalanceAdvisor()
+        if self.rank == 0:
+            self.sink.layout(custom_scalars_layout())
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -259,6 +267,14 @@ class Trainer:
         values.update({f"train/{k}": float(v.detach()) for k, v in terms.items() if k != "loss"})
         values.update({f"buffer/{k}": v for k, v in self.source.buffer.stats().items()})
         values.update(self.source.metrics())
+        counters = self.source.buffer.counters()
+        trained, received = self.step * self.n * self.k, counters["images_added"]
+        if self._balance0 is not None and received > self._balance0[1]:
+            # Views each image received since the last log served: what the balance implies.
+            values["balance/implied_reuse"] = (
+                (trained - self._balance0[0]) / (received - self._balance0[1]))
+        self._balance0 = (trained, received)
+        advice = self.advisor.observe(values["train/idle_fraction"], values.get("gen/idle_fraction"))
         if self.rank == 0:
             self.sink.scalars(values, self.step)
             console(
@@ -272,11 +288,18 @@ class Trainer:
             )
             if self.compare is not None:
                 console(self.compare(values), rank=self.rank)
+            if advice:
+                console(advice, rank=self.rank)
 
     def _grid(self, batch: TrainBatch) -> None:
-        rows = min(4, batch.captions_per_batch)
-        groups = [batch.images[i :: batch.captions_per_batch] for i in range(rows)]
-        self.sink.image("buffer/received_groups", group_grid(groups), self.step)
+        """The newest groups received, each a row of every image its generator made, with
+        caption, caption id, guidance and epoch."""
+        groups = self.source.buffer.newest(4)
+        if not groups:
+            return
+        grid = render_grid(groups, title=f"newest groups received at step {self.step}", cell=96)
+        image = torch.from_numpy(np.asarray(grid)).permute(2, 0, 1).contiguous()
+        self.sink.image("buffer/received_groups", image, self.step)
 
     # ---- the loop ----------------------------------------------------------------------------
 
