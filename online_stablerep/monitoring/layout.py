@@ -21,7 +21,8 @@ def custom_scalars_layout() -> dict:
                 "Multiline", [r"balance/implied_reuse", r"buffer/mean_reuse"]],
         },
         "2 Idle": {
-            "trainer vs generator idle fraction. " + BALANCE_RULE: [
+            "idle: trainer high + generator low = generation-bound; the reverse = "
+            "training-bound": [
                 "Multiline", [r"train/idle_fraction", r"gen/idle_fraction$"]],
         },
         "3 Replay": {
