@@ -1,14 +1,9 @@
 """What the TensorBoard CUSTOM SCALARS tab opens on: the operator's questions first (is the job
 balanced, who is idle, how is each image reused, is the loss moving), and the rule for moving
-GPUs between roles."""
+GPUs between roles (veRL's: trainer idle high and generator idle low means generation-bound,
+the reverse training-bound)."""
 
 from __future__ import annotations
-
-# veRL's rule for generate-and-train systems, in this job's terms.
-BALANCE_RULE = ("trainer idle high and generator idle low: generation-bound, move GPUs to "
-                "generation (or a faster recipe, or higher replay.max_reuse); generator idle "
-                "high and trainer idle low: training-bound, move GPUs to training")
-
 
 def custom_scalars_layout() -> dict:
     """The layout for `SummaryWriter.add_custom_scalars`: category -> chart -> [kind, tags]
