@@ -5,6 +5,7 @@ the reverse training-bound)."""
 
 from __future__ import annotations
 
+
 def custom_scalars_layout() -> dict:
     """The layout for `SummaryWriter.add_custom_scalars`: category -> chart -> [kind, tags]
     (tags are regular expressions)."""
