@@ -107,6 +107,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     # Gradient clipping by global norm; 0 disables it.
     grad_clip: float = 0.0
+    # torch's fused AdamW kernel (one kernel for all parameters, CUDA and CPU; fp32 master
+    # weights either way); false: the multi-tensor foreach implementation.
+    fused: bool = True
 
 
 @dataclass
@@ -136,6 +139,9 @@ class TrainConfig:
     cpu_threads: int = 0
     # Write every batch's caption ids and each group's use count to output_dir/audit/ at the
     # end (for tests and debugging: grows with the run).
+    # torch.compile the model (backbone and the per-view-chunk BatchNorm head) before the
+    # DeepSpeed engine wraps it: a warm-up of tens of seconds, then faster steps on GPUs.
+    compile: bool = False
     audit: bool = False
 
 

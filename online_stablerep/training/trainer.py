@@ -125,7 +125,11 @@ class Trainer:
             param_groups(model, cfg.optim.weight_decay),
             lr=self.lr,
             betas=(cfg.optim.beta1, cfg.optim.beta2),
+            fused=cfg.optim.fused,
         )
+        if cfg.train.compile:
+            # compile() keeps the module and its parameters (state dicts stay unprefixed).
+            model.compile()
         scheduler = warmup_cosine(
             optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
         )
@@ -137,6 +141,11 @@ class Trainer:
             mpu=TrainerMPU(groups),
             dist_init_required=False,
         )
+        if self.world == 1 and cfg.train.zero_stage == 0:
+            # One trainer has no gradients to average: skip the engine's bucketed all-reduce
+            # (a flatten, a collective over one rank and an unflatten every step). ZeRO-1
+            # needs it: its reduce fills the optimizer's gradient partitions.
+            self.engine.enable_backward_allreduce = False
         self.step = 0
         self.losses: list[float] = []
         # Caption ids of every batch, in group order (train.audit).
