@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from online_stablerep.config import Config, save_config
 from online_stablerep.config.validate import resolved_min_pool
-from online_stablerep.distributed.env import default_device
+from online_stablerep.distributed.env import default_device, local_world_size
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
 from online_stablerep.monitoring.metrics import (
@@ -55,7 +55,7 @@ def single_process_env() -> None:
 def _pin_cpu_cores() -> None:
     """On CPU launches, give each local rank its own share of the cores so ranks do not fight
     over them (launch/train.sh sets ONLINE_STABLEREP_PIN_CORES=1)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_world = local_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cores = sorted(os.sched_getaffinity(0))
     share = max(1, len(cores) // local_world)
@@ -92,7 +92,7 @@ def _plan_comparison(cfg: Config, roles: Roles) -> Callable[[dict[str, float]], 
         return None
     from online_stablerep.planning.planner import plan_deviation, plan_split
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", roles.world_size))
+    local = local_world_size(roles.world_size)
     label = "measured" if cfg.plan.source == "measured" else "ESTIMATED"
     plan = plan_split(
         cfg.plan.gen_images_per_s, cfg.plan.train_images_per_s, local,
@@ -191,7 +191,7 @@ def run_job(cfg: Config) -> int:
     world = int(os.environ["WORLD_SIZE"])
     # 1. Everything that can fail on bad input fails here, before any group or model exists.
     roles = Roles.from_spec(
-        cfg.roles.generators, world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        cfg.roles.generators, world, local_world_size(world)
     )
     # 2. torch.distributed first (no device_id), then DeepSpeed reuses it.
     init_with_deepspeed(device, cfg.transport.timeout_s)
