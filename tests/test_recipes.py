@@ -20,7 +20,7 @@ from online_stablerep.producers.artefacts import (
     save_random_unet,
 )
 from online_stablerep.producers.pipeline import build_components, stock_pipeline
-from online_stablerep.producers.sampling import Sampler, initial_noise
+from online_stablerep.producers.sampling import Sampler, initial_noise, plan_steps
 
 CAPTIONS = ["a red car on a wet street", "two dogs on a sofa"]
 IDS = [(0, 3), (0, 8)]
@@ -165,10 +165,17 @@ def test_interval_guidance_covering_every_step_is_full_guidance():
     assert not torch.equal(first_only, _ours(_tiny(), guidance=1.0))
 
 
-def test_guided_steps_follow_the_interval():
-    components = build_components(_tiny(), "cpu")
-    sampler = Sampler(components, steps=4, guidance_interval=(0.25, 0.75))
-    assert sampler.guided_steps() == [False, True, True, False]
+def test_step_plan_follows_interval_base_steps_and_cache():
+    guided = [k.guided for k in plan_steps(4, guidance_interval=(0.25, 0.75))]
+    assert guided == [False, True, True, False]
+    fast = plan_steps(4, (0.0, 0.25), base_steps=1)
+    assert [(k.base, k.guided) for k in fast] == [(True, True)] + [(False, False)] * 3
+    # An LCM UNet embeds guidance: its steps are never guided; no guidance > 1: none is.
+    assert not any(k.guided for k in plan_steps(3, distilled_embeds_guidance=True))
+    assert not any(k.guided for k in plan_steps(3, guidance=False))
+    # DeepCache: full every 3rd step, and again whenever the UNet or the rows change.
+    assert [k.full for k in plan_steps(7, deep_cache_every=3)] == [1, 0, 0, 1, 0, 0, 1]
+    assert [k.full for k in plan_steps(4, (0.0, 0.5), deep_cache_every=4)] == [1, 0, 1, 0]
 
 
 def test_tiny_decoder_matches_diffusers_autoencoder_tiny(artefacts):

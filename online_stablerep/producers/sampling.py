@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,6 +63,45 @@ def _guidance_embedding(w_b: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
 
+@dataclass(frozen=True)
+class StepKind:
+    """How one sampling step runs."""
+
+    # Runs the base (undistilled) UNet.
+    base: bool
+    # Classifier-free guidance: an unconditional and a conditional pass in one batched call.
+    guided: bool
+    # A full UNet pass (False: DeepCache's shallow pass on the kept deep feature).
+    full: bool
+
+
+def plan_steps(steps: int, guidance_interval: tuple[float, float] = (0.0, 1.0),
+               base_steps: int = 0, deep_cache_every: int = 1, guidance: bool = True,
+               distilled_embeds_guidance: bool = False) -> list[StepKind]:
+    """The kind of each of `steps` steps; the sampler runs exactly this plan and the FLOP model
+    (planning/flops.py) counts it.
+
+    Args:
+        guidance_interval: (lo, hi): step i is guided when lo <= i / steps < hi.
+        base_steps: the first steps run the base UNet.
+        deep_cache_every: a full pass every this many steps (and whenever the UNet or the
+            batch rows change, since the kept feature belongs to one UNet and batch).
+        guidance: whether any row of the call has guidance > 1.
+        distilled_embeds_guidance: the distilled UNet takes guidance as an input (LCM UNets),
+            so its steps are never guided.
+    """
+    lo, hi = guidance_interval
+    kinds, key, since_full = [], None, 0
+    for i in range(steps):
+        base = i < base_steps
+        guided = (guidance and lo <= i / steps < hi
+                  and (base or not distilled_embeds_guidance))
+        full = deep_cache_every == 1 or key != (base, guided) or since_full >= deep_cache_every
+        key, since_full = (base, guided), (1 if full else since_full + 1)
+        kinds.append(StepKind(base=base, guided=guided, full=full))
+    return kinds
+
+
 class Sampler:
     """Turns captions into uint8 image groups with the given components.
 
@@ -101,11 +141,6 @@ class Sampler:
         return cls(components, g.steps, g.negative_prompt, g.vae_decode_chunk,
                    guidance_interval=tuple(g.guidance_interval), base_steps=g.base_steps,
                    deep_cache_every=g.deep_cache_every, eta=g.tcd_eta)
-
-    def guided_steps(self) -> list[bool]:
-        """Per step: whether it is inside the guidance interval."""
-        lo, hi = self.guidance_interval
-        return [lo <= i / self.steps < hi for i in range(self.steps)]
 
     @torch.inference_mode()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -175,37 +210,32 @@ class Sampler:
         step_kwargs = dict(self._step_kwargs)
         if self._step_takes_generator:
             step_kwargs["generator"] = generators
-        in_interval = self.guided_steps()
-        cache: tuple[tuple[int, int], torch.Tensor] | None = None
-        since_full = 0
+        plan = plan_steps(self.steps, self.guidance_interval, self.base_steps,
+                          self.deep_cache_every, guidance=any_guided,
+                          distilled_embeds_guidance=timestep_cond is not None)
+        feature = None
         # Latents stay fp32 between steps; only the UNet runs in the model dtype.
         latents = latents.to(c.device, torch.float32) * self.scheduler.init_noise_sigma
-        for i, t in enumerate(self.scheduler.timesteps):
-            # 1. Which UNet (base model for the first base_steps), and whether to guide.
-            base = i < self.base_steps
-            unet = c.base_unet if base else c.unet
-            embeds_guidance = not base and timestep_cond is not None
-            guided = any_guided and in_interval[i] and not embeds_guidance
-            x = torch.cat([latents, latents]) if guided else latents
+        for kind, t in zip(plan, self.scheduler.timesteps, strict=True):
+            # 1. Which UNet (the base model for the first base_steps) and whether to guide.
+            unet = c.base_unet if kind.base else c.unet
+            embeds_guidance = not kind.base and timestep_cond is not None
+            x = torch.cat([latents, latents]) if kind.guided else latents
             x = self.scheduler.scale_model_input(x, t).to(c.dtype)
-            kwargs = {**(both if guided else plain),
+            kwargs = {**(both if kind.guided else plain),
                       "timestep_cond": timestep_cond if embeds_guidance else None}
             if c.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            # 2. The UNet pass: full, or shallow on DeepCache's kept feature.
+            # 2. The UNet pass: full, or DeepCache's shallow pass on the kept deep feature.
             if c.deep_cache:
-                key = (id(unet), x.shape[0])
-                reuse = cache is not None and cache[0] == key and since_full < self.deep_cache_every
-                eps, feature = unet(x, t, cached=cache[1] if reuse else None, **kwargs)
-                if reuse:
-                    since_full += 1
-                else:
-                    cache, since_full = (key, feature.clone() if c.cuda_graphs else feature), 1
+                eps, kept = unet(x, t, cached=None if kind.full else feature, **kwargs)
+                if kind.full:
+                    feature = kept.clone() if c.cuda_graphs else kept
             else:
                 eps = unet(x, t, return_dict=False, **kwargs)[0]
             eps = eps.float().clone() if c.cuda_graphs else eps.float()
             # 3. Guidance, then the scheduler step.
-            if guided:
+            if kind.guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + scale * (eps_cond - eps_uncond)
             latents = self.scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
