@@ -62,10 +62,10 @@ from online_stablerep.planning.flops import (
     cuda_peak_flops,
     flops_per_generated_image,
 )
+from online_stablerep.producers import pipeline
 from online_stablerep.producers.architectures import ARCHITECTURES
 from online_stablerep.producers.artefacts import save_random_lora, save_random_tiny_vae
 from online_stablerep.producers.captions import CaptionSource
-from online_stablerep.producers import pipeline
 from online_stablerep.producers.sampling import Sampler, plan_steps
 
 GUIDANCE = 2.0

@@ -56,7 +56,7 @@ def fuse_lora(parts: dict[str, Any], path: str, weight_name: str = "",
     kwargs = {"weight_name": weight_name} if weight_name else {}
     try:
         pipe.load_lora_weights(path, adapter_name="distilled", **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise _error("lora", path, err) from err
     pipe.fuse_lora(lora_scale=scale, adapter_names=["distilled"])
     pipe.unload_lora_weights()
@@ -71,7 +71,7 @@ def load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
     subfolder = "unet" if (Path(path) / "unet" / "config.json").is_file() else None
     try:
         return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise _error("unet", path, err) from err
 
 
@@ -83,7 +83,7 @@ def load_tiny_vae(path: str, dtype: torch.dtype) -> AutoencoderTiny:
     """
     try:
         return AutoencoderTiny.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise _error("tiny_vae", path, err) from err
 
 
