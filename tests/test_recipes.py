@@ -84,6 +84,7 @@ def test_recipe_sets_its_levers_and_explicit_keys_win():
     ("generator.recipe=quick", "generator.recipe"),
     ("generator.scheduler=heun", "generator.scheduler"),
     ("generator.timestep_spacing=odd", "generator.timestep_spacing"),
+    ("generator.scheduler=lcm generator.timestep_spacing=trailing", "generator.timestep_spacing"),
     ("generator.tcd_eta=1.5", "generator.tcd_eta"),
     ("generator.compile_mode=fastest", "generator.compile_mode"),
     ("generator.base_steps=1", "generator.base_steps"),
@@ -98,7 +99,7 @@ def test_recipe_sets_its_levers_and_explicit_keys_win():
 ])
 def test_bad_lever_fails_at_load_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config("cpu_demo", [override])
+        load_config("cpu_demo", override.split())
 
 
 def test_unloadable_adapter_fails_at_start_naming_the_key(tmp_path, artefacts):

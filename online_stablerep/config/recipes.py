@@ -49,10 +49,9 @@ RECIPES: dict[str, Recipe] = {
                 "guidance_interval": [0.0, 0.25], "tiny_vae": "madebyollin/taesd"},
     ),
     "turbo": Recipe(
-        summary="1 TCD step of the Hyper-SD 1-step LoRA, no guidance, trailing timesteps, "
-                "TCD eta 1 (fresh noise for diversity), AutoencoderTiny decode",
-        levers={**_NEUTRAL, "scheduler": "tcd", "steps": 1, "timestep_spacing": "trailing",
-                "tcd_eta": 1.0, "lora": "ByteDance/Hyper-SD",
+        summary="1 TCD step (from t=999) of the Hyper-SD 1-step LoRA, no guidance, TCD eta 1 "
+                "(fresh noise for diversity), AutoencoderTiny decode",
+        levers={**_NEUTRAL, "scheduler": "tcd", "steps": 1, "tcd_eta": 1.0, "lora": "ByteDance/Hyper-SD",
                 "lora_weight_name": "Hyper-SD15-1step-lora.safetensors",
                 "guidance_interval": [0.0, 0.0], "tiny_vae": "madebyollin/taesd"},
     ),

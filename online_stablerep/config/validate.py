@@ -192,8 +192,9 @@ def _validate_levers(cfg: Config) -> None:
     _require(len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0,
              "generator.guidance_interval", f"{interval}: need [lo, hi] with 0 <= lo <= hi <= 1")
     _require(g.deep_cache_every >= 1, "generator.deep_cache_every", "must be >= 1 (1 = off)")
-    _require(not (g.scheduler == "lcm" and g.timestep_spacing == "linspace"),
-             "generator.timestep_spacing", "the lcm scheduler has no linspace spacing")
+    _require(not (g.scheduler in ("lcm", "tcd") and g.timestep_spacing),
+             "generator.timestep_spacing", f"{g.timestep_spacing!r} would be ignored: the "
+             f"{g.scheduler} scheduler picks its own timesteps (leave it empty)")
 
 
 def parse_generators(spec: str) -> tuple[int, bool]:
