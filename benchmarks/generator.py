@@ -113,6 +113,8 @@ SCENARIOS: list[Scenario] = [
              {"compile": True, "compile_mode": "reduce-overhead"}, cuda_only=True),
     Scenario("compile_max_autotune", "lever", {"compile": True, "compile_mode": "max-autotune"},
              cuda_only=True),
+    # Measured 0.89x of contiguous on an H100 (generator-levers-nvidia-h100-80gb-hbm3.json).
+    Scenario("channels_last", "lever", {"channels_last": True}, cuda_only=True),
     Scenario("paper_eager", "recipe", {"compile": False}, recipe="paper"),
     Scenario("fast_eager", "recipe", {"compile": False}, recipe="fast"),
 ]

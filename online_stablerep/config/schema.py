@@ -190,7 +190,8 @@ class GeneratorConfig:
     # Attention backend: "sdpa" or "xformers".
     attention: str = "sdpa"
     # Use channels_last memory format for UNet and VAE. Off by default: measured 0.89x of
-    # contiguous for SD1.5's UNet on an H100 in bf16 (benchmarks/generator_levers.py).
+    # contiguous for SD1.5's UNet on an H100 in bf16 (benchmarks/generator.py --scenarios
+    # stock,channels_last).
     channels_last: bool = False
     # torch.compile the UNet with fixed shapes (the last batch is padded).
     compile: bool = False
