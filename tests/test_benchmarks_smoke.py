@@ -60,6 +60,7 @@ def test_trainer_benchmark_runs_both_loops(tmp_path):
     assert "deepspeed / plain" in result.stdout
 
 
+@pytest.mark.slow
 def test_generator_benchmark_writes_recipe_and_lever_rows(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
