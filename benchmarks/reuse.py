@@ -118,7 +118,7 @@ def plot(rows: list[dict], reuse: list[int], draws: list[str], path: Path) -> No
                 bands.append((min(scores), max(scores)) if scores else (float("nan"),) * 2)
             series[f"{metric} ({draw})"] = values
             spread[f"{metric} ({draw})"] = bands
-    plot_lines(path, "Probe top-1 at equal steps vs replay.max_reuse (k=4, seed min-max)",
+    plot_lines(path, "Probe top-1 at equal steps vs max_reuse (k=4, seed range)",
                "max_reuse R (R x fewer images generated)", "top-1 on real renders",
                [float(r) for r in reuse], series, spread)
 
