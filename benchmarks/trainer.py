@@ -100,6 +100,9 @@ class InterleavedSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def snapshot(self, buffer_contents: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.buffer.state_dict(buffer_contents), {}
+
     def close(self) -> None:
         self.buffer.close()
 

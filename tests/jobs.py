@@ -16,8 +16,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_ranks(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
-    """`python -m online_stablerep.cli train ARGS` on `world` ranks; logs in log_dir/rankN.log."""
+def start_ranks(world: int, args: list[str], log_dir: Path, module: str = "online_stablerep.cli",
+                extra_env: dict | None = None) -> list[subprocess.Popen]:
+    """`python -m MODULE train ARGS` on `world` ranks; logs in log_dir/rankN.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs = []
@@ -25,10 +26,10 @@ def start_ranks(world: int, args: list[str], log_dir: Path) -> list[subprocess.P
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": "1", **(extra_env or {})}
         log = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 (closed with the process)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "online_stablerep.cli", "train", *args],
+            [sys.executable, "-m", module, "train", *args],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         ))
     return procs

@@ -98,7 +98,7 @@ def test_killed_generator_stops_every_rank_and_resume_works(tmp_path):
     assert read_summary(out)["steps"] == done[-1] + 3
 
 
-def test_sigterm_on_the_trainer_stops_the_generator_with_the_reason(tmp_path):
+def test_sigterm_on_the_trainer_stops_every_rank_cleanly_with_a_checkpoint(tmp_path):
     out, logs = tmp_path / "run", tmp_path / "logs"
     procs = start_ranks(2, job_args(out, 1, "train.steps=100000", "transport.timeout_s=30"), logs)
     deadline = time.monotonic() + 120
@@ -107,16 +107,32 @@ def test_sigterm_on_the_trainer_stops_the_generator_with_the_reason(tmp_path):
         time.sleep(0.5)
     procs[0].send_signal(signal.SIGTERM)
     codes = wait_all(procs, timeout=60)
-    assert codes == [1, 1], read_logs(logs)[-3000:]
-    assert "SIGTERM" in (logs / "rank0.log").read_text()
-    assert "trainer rank 0 failed" in (logs / "rank1.log").read_text()
+    # The trainer stops at its next step with a checkpoint (exit 128 + SIGTERM); the generator
+    # is stopped cleanly by it.
+    assert codes == [143, 0], read_logs(logs)[-3000:]
+    assert "received SIGTERM" in (logs / "rank0.log").read_text()
+    steps = read_summary(out)["steps"]
+    assert (out / "checkpoints" / f"step_{steps:08d}" / "meta.json").is_file()
+    words = {w: json.loads((out / "ranks" / f"rank{w}.json").read_text()) for w in (0, 1)}
+    assert words[0]["status"] == "stopped" and words[1]["status"] == "finished"
 
 
-def test_bad_caption_corpus_on_a_generator_reaches_the_trainer_with_its_reason(tmp_path):
+def test_bad_caption_corpus_stops_every_rank_before_anything_is_built(tmp_path):
     logs = tmp_path / "logs"
     procs = start_ranks(2, ["--config", "cpu_demo", f"output_dir={tmp_path / 'run'}",
                             f"captions.path={tmp_path / 'missing.txt'}",
                             "transport.timeout_s=30"], logs)
+    assert wait_all(procs, timeout=120) == [2, 2], read_logs(logs)[-3000:]
+    for rank in (0, 1):
+        text = (logs / f"rank{rank}.log").read_text()
+        assert "input error: captions.path=" in text and "missing.txt" in text, text
+
+
+def test_generator_failing_to_build_reaches_the_trainer_with_its_reason(tmp_path):
+    logs = tmp_path / "logs"
+    procs = start_ranks(2, job_args(tmp_path / "run", 1, "transport.timeout_s=30"), logs,
+                        module="tests.fault_entry",
+                        extra_env={"FAULT_BUILD_ERROR": "model folder vanished"})
     assert wait_all(procs, timeout=120) == [1, 1], read_logs(logs)[-3000:]
     trainer_log = (logs / "rank0.log").read_text()
-    assert "generator rank 1 failed" in trainer_log and "missing.txt" in trainer_log
+    assert "generator rank 1 failed" in trainer_log and "model folder vanished" in trainer_log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from online_stablerep.commands.common import add_config_arguments, load_or_report
 
@@ -17,6 +18,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_or_report(args)
     if cfg is None:
         return 2
+    from online_stablerep.config.inputs import InputError
     from online_stablerep.jobs.train import run_job
 
-    return run_job(cfg)
+    try:
+        return run_job(cfg)
+    except InputError as err:
+        print(f"input error: {err}", file=sys.stderr, flush=True)
+        return 2

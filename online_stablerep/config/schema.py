@@ -280,6 +280,12 @@ class TransportConfig:
     credits_per_generator: int = 8
     # Seconds any rank waits for a peer before failing with a message naming it.
     timeout_s: float = 120.0
+    # Seconds a rank may take to build and warm up its model (generators keep saying "alive,
+    # warming up" meanwhile); the trainers wait this long for the first group.
+    startup_timeout_s: float = 900.0
+    # Seconds trainer ranks wait for each other at checkpoint barriers (one rank writing a large
+    # replay buffer slowly must not fail the job).
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

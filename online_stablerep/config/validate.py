@@ -144,6 +144,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.transport.credits_per_generator >= 1, "transport.credits_per_generator",
              "must be >= 1")
     _require(cfg.transport.timeout_s > 0, "transport.timeout_s", "must be > 0")
+    _require(cfg.transport.startup_timeout_s >= cfg.transport.timeout_s,
+             "transport.startup_timeout_s",
+             f"{cfg.transport.startup_timeout_s} < transport.timeout_s={cfg.transport.timeout_s}")
+    _require(cfg.transport.collective_timeout_s > 0, "transport.collective_timeout_s",
+             "must be > 0")
     parse_generators(cfg.roles.generators)
 
     _require(cfg.plan.gen_images_per_s >= 0 and cfg.plan.train_images_per_s >= 0,

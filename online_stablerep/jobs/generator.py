@@ -1,18 +1,19 @@
 """A generator rank's job: make caption groups and send them to trainer ranks under credit.
 
-Cursor records: every batch sent carries where the producer's stream stands, as
-{"seq": producer call number, "end": groups of that call delivered so far, "len": groups the
-call made, "before": producer state before the call, "after": state after it (only once the
-call is fully delivered)}. Trainers checkpoint the newest record they received; on resume each
-trainer sends its record (RESUME) and the generator continues from the newest one: after the
-call if it was fully delivered, else it redoes the call and drops the groups already delivered.
-So no group a trainer received is made again, and what a resume loses is only what sat unused
-in trainer buffers (or in flight) at the checkpoint.
+Cursor records (transport.protocol.Cursor): every batch sent carries where the producer's
+stream stands: the call number, groups of that call delivered so far, groups the call made, the
+producer state before the call and, once the call is fully delivered, after it. Trainers
+checkpoint the newest record they received; on resume each trainer sends its record (RESUME) and
+the generator continues from the newest one: after the call if it was fully delivered, else it
+redoes the call and drops the groups already delivered. So no group a trainer received is made
+again, and what a resume loses is only what sat unused in trainer buffers (or in flight) at the
+checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,25 +22,33 @@ from online_stablerep.config.schema import Config
 from online_stablerep.distributed.groups import JobGroups
 from online_stablerep.monitoring.metrics import console
 from online_stablerep.producers.base import Producer
+from online_stablerep.transport.protocol import Cursor
 from online_stablerep.transport.sender import GeneratorLink
 
 # Seconds between the generator's console lines.
 LOG_EVERY_S = 30.0
 
 
-def run_generator(cfg: Config, groups: JobGroups, make_producer: Callable[[], Producer]) -> int:
-    """Feed the trainer ranks until they stop or the caption stream ends; returns 0.
+def run_generator(
+    cfg: Config, groups: JobGroups, make_producer: Callable[[], Producer],
+    stop: threading.Event | None = None,
+) -> int:
+    """Feed the trainer ranks until they stop, the caption stream ends, or `stop` is set;
+    returns 0.
 
     Args:
         make_producer: builds this rank's producer. Called inside the failure path, so a bad
             caption corpus reaches the trainers as FAIL with its reason.
+        stop: set by SIGTERM/SIGINT: the generator ends its stream (END), as at the end of the
+            captions, and waits for the trainers' STOP.
 
     Raises:
         TransportError: a trainer failed, aborted, or stopped answering (names the rank).
         Exception: whatever the producer raised; trainers were told with FAIL first.
     """
     rank = groups.rank
-    link = GeneratorLink(groups, cfg.transport.timeout_s)
+    link = GeneratorLink(groups, cfg.transport.timeout_s, cfg.transport.startup_timeout_s)
+    link.interrupt = stop
     sent: list[list[int]] = []  # (caption_id, epoch, rank) of every group sent (train.audit)
     producer: Producer | None = None
     try:
@@ -48,14 +57,11 @@ def run_generator(cfg: Config, groups: JobGroups, make_producer: Callable[[], Pr
         resume = link.wait_hello()
         seq, skip = 0, 0
         if resume is not None:
-            if resume["end"] >= resume["len"]:
-                producer.load_state_dict(resume["after"])
-                seq = resume["seq"]
-            else:
-                producer.load_state_dict(resume["before"])
-                seq, skip = resume["seq"] - 1, resume["end"]
-            console(f"resuming the caption stream after call {resume['seq']} "
-                    f"(group {resume['end']} of {resume['len']})", role="generator", rank=rank)
+            cursor = Cursor.from_dict(resume)
+            state, seq, skip = cursor.resume_point()
+            producer.load_state_dict(state)
+            console(f"resuming the caption stream after call {cursor.seq} "
+                    f"(group {cursor.end} of {cursor.length})", role="generator", rank=rank)
         producer.start()
         t0 = last_log = time.monotonic()
         images = 0
@@ -63,6 +69,10 @@ def run_generator(cfg: Config, groups: JobGroups, make_producer: Callable[[], Pr
             # 2. Produce only while some trainer has room: credit bounds every buffer.
             if not link.wait_credit():
                 break
+            if stop is not None and stop.is_set():
+                console("stopping on a signal: END sent", role="generator", rank=rank)
+                link.finish()
+                return 0
             before = producer.state_dict()
             made = producer.next_groups()
             if not made:
@@ -84,9 +94,10 @@ def run_generator(cfg: Config, groups: JobGroups, make_producer: Callable[[], Pr
                 offset += count
                 sent.extend([g.caption_id, g.epoch, g.producer_rank] for g in part)
                 elapsed = max(time.monotonic() - t0, 1e-9)
-                cursor = {"seq": seq, "end": offset, "len": len(made), "before": before,
-                          "after": after if offset == len(made) else None}
-                link.send(trainer, part, {"cursor": cursor, "images_per_s": images / elapsed,
+                cursor = Cursor(seq, offset, len(made), before,
+                                after if offset == len(made) else None)
+                link.send(trainer, part, {"cursor": cursor.to_dict(),
+                                          "images_per_s": images / elapsed,
                                           "idle_fraction": link.idle_s / elapsed})
             # 4. A console line every so often.
             now = time.monotonic()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import socket
 import sys
 import traceback
@@ -19,11 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from online_stablerep.config import Config, save_config
+from online_stablerep.config import Config, ConfigError, save_config
+from online_stablerep.config.inputs import check_inputs
 from online_stablerep.config.validate import resolved_min_pool
 from online_stablerep.distributed.env import default_device, local_world_size
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
+from online_stablerep.jobs.shutdown import StopRequest, write_last_word
 from online_stablerep.monitoring.metrics import (
     MetricSink,
     TensorBoardSink,
@@ -34,6 +35,7 @@ from online_stablerep.producers import build_producer
 from online_stablerep.replay import ReplayBuffer
 from online_stablerep.training.sources import BatchSource, ColocatedSource
 from online_stablerep.training.trainer import Trainer, TrainResult
+from online_stablerep.transport.messages import TransportError, describe_failure
 
 
 def _free_port() -> int:
@@ -64,12 +66,9 @@ def _pin_cpu_cores() -> None:
     torch.set_num_threads(len(mine))
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(f"received signal {signal.Signals(signum).name}")
-
-
 def _trainer_source(
-    cfg: Config, roles: Roles, groups: JobGroups, rank: int, device: torch.device
+    cfg: Config, roles: Roles, groups: JobGroups, rank: int, device: torch.device,
+    stop: StopRequest,
 ) -> BatchSource:
     buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse,
                           min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
@@ -83,7 +82,7 @@ def _trainer_source(
         return ColocatedSource(producer, buffer, n, k)
     from online_stablerep.training.hybrid_source import build_hybrid_source
 
-    return build_hybrid_source(cfg, groups, buffer)
+    return build_hybrid_source(cfg, groups, buffer, stop)
 
 
 def _plan_comparison(cfg: Config, roles: Roles) -> Callable[[dict[str, float]], str] | None:
@@ -110,14 +109,16 @@ def _plan_comparison(cfg: Config, roles: Roles) -> Callable[[dict[str, float]], 
     return compare
 
 
-def _run_trainer(cfg: Config, roles: Roles, groups: JobGroups, device: torch.device) -> int:
+def _run_trainer(
+    cfg: Config, roles: Roles, groups: JobGroups, device: torch.device, stop: StopRequest
+) -> int:
     rank = groups.rank
-    source = _trainer_source(cfg, roles, groups, rank, device)
+    source = _trainer_source(cfg, roles, groups, rank, device, stop)
     sink: MetricSink = MetricSink()
     if rank == 0:
         sink = TensorBoardSink(Path(cfg.output_dir) / "tensorboard" / "train")
     try:
-        trainer = Trainer(cfg, groups, source, device, sink, _plan_comparison(cfg, roles))
+        trainer = Trainer(cfg, groups, source, device, sink, _plan_comparison(cfg, roles), stop)
         if cfg.resume and not trainer.resume():
             console("resume=true but no complete checkpoint yet: starting fresh", rank=rank)
         result = trainer.fit()
@@ -136,7 +137,7 @@ def _run_trainer(cfg: Config, roles: Roles, groups: JobGroups, device: torch.dev
         console(f"finished: {result.steps} steps ({result.stopped_because}), "
                 f"checkpoint {result.checkpoint}", rank=rank)
         probe = {}
-        if cfg.eval.probe_at_end:
+        if cfg.eval.probe_at_end and not stop.is_set():
             from online_stablerep.eval.run import probe_after_training
 
             probe = probe_after_training(cfg, trainer.engine.module, device)
@@ -168,17 +169,43 @@ def _write_summary(cfg: Config, result: TrainResult) -> None:
     (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _run_generator(cfg: Config, roles: Roles, groups: JobGroups, device: torch.device) -> int:
+def _run_generator(
+    cfg: Config, roles: Roles, groups: JobGroups, device: torch.device, stop: StopRequest
+) -> int:
     from online_stablerep.jobs.generator import run_generator
 
     rank = groups.rank
     shard, shards = roles.producer_shard(rank)
-    return run_generator(cfg, groups, lambda: build_producer(cfg, shard, shards, rank, device))
+    return run_generator(cfg, groups, lambda: build_producer(cfg, shard, shards, rank, device),
+                         stop)
+
+
+def _failure(err: BaseException) -> tuple[str, str, bool]:
+    """(reason, cause, traceback wanted): errors about input, the disk or a peer are reported in
+    one line; a traceback is for bugs."""
+    from online_stablerep.training.checkpoint import CheckpointError
+    from online_stablerep.training.trainer import NonFiniteLossError
+
+    text = f"{err}" if isinstance(err, (SystemExit, KeyboardInterrupt)) else (
+        f"{type(err).__name__}: {err}")
+    if isinstance(err, TransportError):
+        return str(err), "peer", False
+    described = describe_failure(err)
+    if described.startswith(("connection closed", "stopped answering")):
+        return f"{type(err).__name__}: {described}", "peer", False
+    clean = (ConfigError, CheckpointError, NonFiniteLossError, SystemExit, KeyboardInterrupt)
+    return text, "own", not isinstance(err, clean)
 
 
 def run_job(cfg: Config) -> int:
-    """Run this rank's part of the job; returns the process exit code."""
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    """Run this rank's part of the job; returns the process exit code.
+
+    Past the input check, every way out leaves a last word in `output_dir/ranks/rank{N}.json`
+    (jobs/shutdown.py), and SIGTERM/SIGINT ask the rank to stop at its next step.
+
+    Raises:
+        InputError: bad input, before any process group or model exists (the CLI exits 2).
+    """
     single_process_env()
     device = default_device()
     if device.type == "cuda":
@@ -189,26 +216,41 @@ def run_job(cfg: Config) -> int:
         torch.set_num_threads(cfg.train.cpu_threads)
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
-    # 1. Everything that can fail on bad input fails here, before any group or model exists.
-    roles = Roles.from_spec(
-        cfg.roles.generators, world, local_world_size(world)
-    )
-    # 2. torch.distributed first (no device_id), then DeepSpeed reuses it.
-    init_with_deepspeed(device, cfg.transport.timeout_s)
+    # 1. Everything that can fail on bad input fails here, before any group or model exists
+    # (InputError: the CLI prints one line and exits 2).
+    roles = check_inputs(cfg, world, local_world_size(world))
+    role = "trainer" if roles.is_trainer(rank) else "generator"
+    stop = StopRequest()
+    stop.install(lambda name: console(
+        f"received {name}: stopping at the next step (trainers save a checkpoint first)",
+        role="train" if role == "trainer" else "generator", rank=rank))
+    write_last_word(cfg.output_dir, rank, role, "running")
     try:
+        # 2. torch.distributed first (no device_id), then DeepSpeed reuses it. Ranks start at
+        # different speeds (imports on a loaded node): the rendezvous has the start-up budget.
+        init_with_deepspeed(device, cfg.transport.startup_timeout_s)
         groups = create_groups(roles, device, cfg.transport.timeout_s)
         if rank == 0:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
             console(roles.describe(), rank=rank)
         if roles.is_trainer(rank):
-            return _run_trainer(cfg, roles, groups, device)
-        return _run_generator(cfg, roles, groups, device)
+            code = _run_trainer(cfg, roles, groups, device, stop)
+        else:
+            code = _run_generator(cfg, roles, groups, device, stop)
+        if stop.is_set():
+            write_last_word(cfg.output_dir, rank, role, "stopped",
+                            f"{stop.signal_name} received by rank {rank} ({role})",
+                            code=stop.exit_code)
+            return stop.exit_code
+        write_last_word(cfg.output_dir, rank, role, "finished", code=code)
+        return code
     except BaseException as err:
-        role = "trainer" if roles.is_trainer(rank) else "generator"
-        print(f"[{role} rank {rank}] failed: {err}", file=sys.stderr, flush=True)
-        if not isinstance(err, (SystemExit, KeyboardInterrupt)):
+        reason, cause, want_traceback = _failure(err)
+        print(f"[{role} rank {rank}] failed: {reason}", file=sys.stderr, flush=True)
+        if want_traceback:
             traceback.print_exc()
+        write_last_word(cfg.output_dir, rank, role, "failed", reason, cause, code=1)
         return 1
     finally:
         if dist.is_initialized():

@@ -3,6 +3,7 @@ receiver thread fills with caption groups sent by generator ranks."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -29,16 +30,21 @@ class HybridSource:
         n: caption groups per batch.
         k: views per caption group.
         timeout_s: a batch wait with no new group for this long fails with a TransportError.
+        startup_timeout_s: the same while some generator is still warming up.
     """
 
     def __init__(
-        self, buffer: ReplayBuffer, receiver: Receiver, n: int, k: int, timeout_s: float
+        self, buffer: ReplayBuffer, receiver: Receiver, n: int, k: int, timeout_s: float,
+        startup_timeout_s: float | None = None, stop: threading.Event | None = None,
     ) -> None:
         self.buffer = buffer
+        # Set by SIGTERM/SIGINT: a waiting next_batch returns None so the trainer can stop.
+        self.stop = stop
         self.receiver = receiver
         self.n = n
         self.k = k
         self.timeout_s = timeout_s
+        self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self._idle_s = 0.0
 
     def _check(self) -> None:
@@ -58,6 +64,8 @@ class HybridSource:
         try:
             while True:
                 self._check()
+                if self.stop is not None and self.stop.is_set():
+                    return None
                 batch = self.buffer.sample(self.n, self.k)
                 if batch is not None:
                     self.receiver.notify_room()
@@ -69,13 +77,16 @@ class HybridSource:
                     return self.buffer.sample(self.n, self.k, drain=True)
                 self.buffer.wait_ready(self.n, _POLL_S)
                 silent_s = time.monotonic() - max(start, self.receiver.last_arrival)
-                if silent_s > self.timeout_s:
+                warming = self.receiver.warming()
+                budget = self.startup_timeout_s if warming else self.timeout_s
+                if silent_s > budget:
                     held = {g: c for g, c in self.receiver.outstanding().items() if c}
                     raise TransportError(
                         f"trainer rank {self.receiver.rank}: waited {silent_s:.0f} s for a batch "
                         f"of {self.n} caption groups with no group arriving (buffer holds "
                         f"{len(self.buffer)}; generator ranks holding credit: {held or 'none'}; "
-                        "transport.timeout_s)"
+                        f"warming up: {warming or 'none'}; "
+                        f"{'transport.startup_timeout_s' if warming else 'transport.timeout_s'})"
                     )
         finally:
             self._idle_s += time.monotonic() - start
@@ -90,6 +101,12 @@ class HybridSource:
         """Per generator rank, the cursor record after the last group this trainer received
         (generators merge every trainer's records on resume and take the newest)."""
         return {"cursors": {str(g): c for g, c in self.receiver.cursors().items()}}
+
+    def snapshot(self, buffer_contents: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(buffer state, state_dict()) taken under the receiver's lock: no group can arrive
+        between the two, so the cursors never count a group the buffer state lacks."""
+        buffer_state, cursors = self.receiver.snapshot(buffer_contents)
+        return buffer_state, {"cursors": {str(g): c for g, c in cursors.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Start the receiver with RESUME records, so generators continue their streams."""
@@ -116,9 +133,11 @@ class HybridSource:
         self.buffer.close()
 
 
-def build_hybrid_source(cfg: Config, groups: JobGroups, buffer: ReplayBuffer) -> HybridSource:
+def build_hybrid_source(
+    cfg: Config, groups: JobGroups, buffer: ReplayBuffer, stop: threading.Event | None = None
+) -> HybridSource:
     """The HybridSource of this trainer rank, from `transport.*` and `batch.*`."""
-    receiver = Receiver(groups, buffer, cfg.transport.credits_per_generator,
-                        cfg.transport.timeout_s)
+    t = cfg.transport
+    receiver = Receiver(groups, buffer, t.credits_per_generator, t.timeout_s, t.startup_timeout_s)
     return HybridSource(buffer, receiver, cfg.batch.captions_per_batch,
-                        cfg.batch.views_per_caption, cfg.transport.timeout_s)
+                        cfg.batch.views_per_caption, t.timeout_s, t.startup_timeout_s, stop)

@@ -35,6 +35,10 @@ class BatchSource(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def snapshot(self, buffer_contents: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(buffer state, state_dict()) as one consistent snapshot for a checkpoint."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -79,6 +83,10 @@ class ColocatedSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.producer.load_state_dict(state["producer"])
+
+    def snapshot(self, buffer_contents: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        # One thread fills the buffer and advances the producer: any moment is consistent.
+        return self.buffer.state_dict(buffer_contents), self.state_dict()
 
     def close(self) -> None:
         self.producer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,8 +93,11 @@ class Trainer:
         device: torch.device,
         sink: MetricSink | None = None,
         compare: Callable[[dict[str, float]], str] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.cfg = cfg
+        # Set by SIGTERM/SIGINT: every trainer rank stops at the next step, with a checkpoint.
+        self.stop = stop
         self.groups = groups
         self.group = groups.trainer
         self.source = source
@@ -159,14 +163,15 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
 
     def _rank_state(self) -> dict[str, Any]:
+        buffer_state, source_state = self.source.snapshot(self.cfg.replay.checkpoint_contents)
         return {
             "step": self.step,
             "optimizer": self.engine.optimizer.state_dict(),
             "scheduler": self.engine.lr_scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "aug_generator": self.aug_generator.get_state(),
-            "buffer": self.source.buffer.state_dict(self.cfg.replay.checkpoint_contents),
-            "source": self.source.state_dict(),
+            "buffer": buffer_state,
+            "source": source_state,
             "losses": list(self.losses),
         }
 
@@ -174,7 +179,7 @@ class Trainer:
         model_state = self.engine.module.state_dict() if self.rank == 0 else None
         return ckpt.save_checkpoint(
             self.cfg.output_dir, self.step, model_state, self._rank_state(), self.group,
-            keep=self.cfg.train.keep_checkpoints,
+            keep=self.cfg.train.keep_checkpoints, timeout_s=self.cfg.transport.collective_timeout_s,
         )
 
     def _load_optimizer(self, optimizer_state: dict[str, Any]) -> None:
@@ -190,7 +195,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint of output_dir; False when there is none."""
-        path = ckpt.newest_checkpoint(self.cfg.output_dir)
+        path = ckpt.newest_checkpoint(
+            self.cfg.output_dir, warn=lambda text: console(f"warning: {text}", rank=self.rank))
         if path is None:
             return False
         model_state, state, _ = ckpt.load_checkpoint(path, self.rank, self.world)
@@ -245,14 +251,15 @@ class Trainer:
         text_ids = caption_ids[: batch.captions_per_batch] if text_tokens is not None else None
         return self.loss_fn(outputs, caption_ids, text_caption_ids=text_ids)
 
-    def _all_have(self, have: bool) -> bool:
-        """True when every trainer rank has a batch: the stream may end on one rank first, and
-        a rank that went on alone would wait forever in the gradient all-reduce."""
+    def _agree(self, have: bool, stop: bool) -> tuple[bool, bool]:
+        """(every trainer rank has a batch, some trainer rank was asked to stop), in one
+        all-reduce: the stream may end or a signal arrive on one rank first, and a rank that
+        went on alone would wait forever in the gradient all-reduce."""
         if self.world == 1:
-            return have
-        flag = torch.tensor([1.0 if have else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+            return have, stop
+        flags = torch.tensor([float(have), float(not stop)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flags[0].item()), not bool(flags[1].item())
 
     def _global_mean(self, value: torch.Tensor) -> float:
         """Mean of a scalar over the trainer group, so every rank takes the same decision."""
@@ -326,8 +333,10 @@ class Trainer:
         while self.step < end:
             # 1. Batch of n caption groups x k views (None: the caption stream ended).
             batch = self.source.next_batch()
-            if not self._all_have(batch is not None):
-                stopped = "stream ended"
+            signalled = self.stop is not None and self.stop.is_set()
+            have, stop = self._agree(batch is not None and not signalled, signalled)
+            if not have:
+                stopped = "stopped by a signal" if stop else "stream ended"
                 break
             # 2. Forward and the loss, agreed on by every trainer rank.
             terms = self._forward_loss(batch)

@@ -21,15 +21,10 @@ from typing import Any
 from online_stablerep.distributed.groups import JobGroups
 from online_stablerep.replay import ReplayBuffer
 from online_stablerep.transport import messages as msg
+from online_stablerep.transport import protocol as proto
 from online_stablerep.transport.messages import Kind, TransportError
+from online_stablerep.transport.protocol import Cursor, GenState
 from online_stablerep.transport.wire import unpack_groups
-
-
-def newer_cursor(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The cursor record further along a generator's stream (by call number, then offset)."""
-    if a is None or b is None:
-        return a or b
-    return a if (a["seq"], a["end"]) >= (b["seq"], b["end"]) else b
 
 
 class Receiver:
@@ -40,10 +35,13 @@ class Receiver:
         buffer: the replay buffer to fill.
         credits_per_generator: most groups promised to one generator at a time.
         timeout_s: a generator silent this long (no data, no keepalive) fails the trainer.
+        startup_timeout_s: a generator still warming up this long after the start fails the
+            trainer (default: timeout_s).
     """
 
     def __init__(
-        self, groups: JobGroups, buffer: ReplayBuffer, credits_per_generator: int, timeout_s: float
+        self, groups: JobGroups, buffer: ReplayBuffer, credits_per_generator: int,
+        timeout_s: float, startup_timeout_s: float | None = None,
     ) -> None:
         assert groups.data_plane is not None and groups.control is not None
         self.groups = groups
@@ -51,20 +49,21 @@ class Receiver:
         self.buffer = buffer
         self.credits_per_generator = credits_per_generator
         self.timeout_s = timeout_s
+        self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self.generators = groups.roles.generator_ranks
         self.error: TransportError | None = None
+        # One lock for everything below; the replay buffer is only ever filled under it, so a
+        # snapshot taken under it (snapshot()) holds exactly the groups its cursors count.
         self._cond = threading.Condition()
+        self._state = dict.fromkeys(self.generators, GenState.WARMING)
         self._outstanding = dict.fromkeys(self.generators, 0)
         self._last_seen = dict.fromkeys(self.generators, time.monotonic())
-        self._ended: set[int] = set()
-        self._failed: set[int] = set()
-        self._stopped: set[int] = set()
-        self._ack_failed: set[int] = set()
+        self._started_at = time.monotonic()
         self._stop_reason: str | None = None
         self._stopping = False
         self._stop_called = False
-        self._cursors: dict[int, dict[str, Any]] = {}
-        self._resume: dict[int, dict[str, Any]] = {}
+        self._cursors: dict[int, Cursor] = {}
+        self._resume: dict[int, Cursor] = {}
         # Run-long counters per generator rank; gen stats as last reported by each generator.
         self._groups = dict.fromkeys(self.generators, 0)
         self._images = dict.fromkeys(self.generators, 0)
@@ -84,9 +83,10 @@ class Receiver:
     def start(self, resume: dict[int, dict[str, Any]] | None = None) -> None:
         """Start both threads; `resume` maps generator rank -> cursor record to continue from."""
         assert not self.started
-        self._resume = dict(resume or {})
+        self._resume = {g: Cursor.from_dict(c) for g, c in (resume or {}).items()}
         self._cursors = dict(self._resume)
         now = time.monotonic()
+        self._started_at = now
         self._last_seen = dict.fromkeys(self.generators, now)
         self._window = (now, 0, dict.fromkeys(self.generators, 0))
         self.last_arrival = now
@@ -124,7 +124,23 @@ class Receiver:
     @property
     def all_generators_ended(self) -> bool:
         with self._cond:
-            return self._ended.union(self._failed) >= set(self.generators)
+            return all(s in proto.FINISHED for s in self._state.values())
+
+    def warming(self) -> list[int]:
+        """Generator ranks still warming up (building or compiling their model)."""
+        with self._cond:
+            return [g for g, s in self._state.items() if s == GenState.WARMING]
+
+    def states(self) -> dict[int, GenState]:
+        with self._cond:
+            return dict(self._state)
+
+    def snapshot(self, buffer_contents: bool) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+        """(replay buffer state, cursor records) taken together under the receiver's lock, so
+        every group the cursors count as delivered is in the buffer state."""
+        with self._cond:
+            return (self.buffer.state_dict(buffer_contents),
+                    {g: c.to_dict() for g, c in self._cursors.items()})
 
     def _fail(self, text: str) -> None:
         with self._cond:
@@ -132,13 +148,18 @@ class Receiver:
                 self.error = TransportError(f"trainer rank {self.rank}: {text}")
             self._cond.notify_all()
 
+    def _lose(self, g: int, text: str) -> None:
+        with self._cond:
+            self._state[g] = proto.gen_lost(self._state[g])
+        self._fail(text)
+
     # ---- receive thread ----------------------------------------------------------------------
 
     def _receive_loop(self) -> None:
         group, timeout = self.groups.data_plane, self.timeout_s
         while True:
             with self._cond:
-                live = [g for g in self.generators if g not in self._ended | self._failed]
+                live = [g for g, s in self._state.items() if s in proto.LISTENING]
             if not live:
                 return
             try:
@@ -149,63 +170,48 @@ class Receiver:
             try:
                 self._handle(src, kind, args)
             except Exception as err:
-                self._fail(f"receiving {kind.name} from generator rank {src}: "
-                           f"{msg.describe_failure(err)}")
+                self._lose(src, f"receiving {kind.name} from generator rank {src}: "
+                                f"{msg.describe_failure(err)}")
                 return
+
+    def deliver(self, src: int, groups: list, meta: dict[str, Any], nbytes: int) -> None:
+        """Under the lock: groups of one DATA message into the buffer, with their cursor."""
+        with self._cond:
+            assert len(groups) <= self._outstanding[src], (
+                f"generator rank {src} sent {len(groups)} groups on "
+                f"{self._outstanding[src]} credits"
+            )
+            self.buffer.add(groups)
+            self._outstanding[src] -= len(groups)
+            self._groups[src] += len(groups)
+            self._images[src] += sum(g.num_images for g in groups)
+            self._bytes += nbytes
+            self._idle_fraction[src] = float(meta["idle_fraction"])
+            self._made_rate[src] = float(meta["images_per_s"])
+            self._cursors[src] = proto.newer_cursor(
+                self._cursors.get(src), Cursor.from_dict(meta["cursor"])
+            )
+            self.last_arrival = time.monotonic()
 
     def _handle(self, src: int, kind: Kind, args: list[int]) -> None:
         group, timeout = self.groups.data_plane, self.timeout_s
+        reason = ""
         if kind == Kind.DATA:
             header, payload = msg.recv_data(group, src, args, timeout)
             groups, extra = unpack_groups(header, payload)
-            meta = json.loads(extra)
-            with self._cond:
-                assert len(groups) <= self._outstanding[src], (
-                    f"generator rank {src} sent {len(groups)} groups on "
-                    f"{self._outstanding[src]} credits"
-                )
-                self.buffer.add(groups)
-                self._outstanding[src] -= len(groups)
-                self._groups[src] += len(groups)
-                self._images[src] += sum(g.num_images for g in groups)
-                self._bytes += header.numel() * 8 + payload.numel()
-                self._idle_fraction[src] = float(meta["idle_fraction"])
-                self._made_rate[src] = float(meta["images_per_s"])
-                self._cursors[src] = newer_cursor(self._cursors.get(src), meta["cursor"])
-                self.last_arrival = time.monotonic()
+            self.deliver(src, groups, json.loads(extra), header.numel() * 8 + payload.numel())
         elif kind == Kind.FAIL:
             reason = msg.recv_blob(group, src, args[0], timeout).decode("utf-8", "replace")
-            with self._cond:
-                self._failed.add(src)
-                self._ack_failed.add(src)
-            self._fail(f"generator rank {src} failed: {reason}")
-        elif kind == Kind.END:
-            with self._cond:
-                self._ended.add(src)
-                self._outstanding[src] = 0
-        elif kind != Kind.KEEPALIVE:
-            raise TransportError(f"unexpected {kind.name} message")
         with self._cond:
+            self._state[src] = proto.gen_on_message(self._state[src], kind, ready=args[0] == 0)
+            if kind == Kind.END:
+                self._outstanding[src] = 0
             self._last_seen[src] = time.monotonic()
             self._cond.notify_all()
+        if kind == Kind.FAIL:
+            self._fail(f"generator rank {src} failed: {reason}")
 
     # ---- control thread ----------------------------------------------------------------------
-
-    def _grants(self) -> dict[int, int]:
-        """Credit to hand out now (under the lock): fill the buffer's free room, most-starved
-        generator first, at most credits_per_generator outstanding each."""
-        live = [g for g in self.generators if g not in self._ended | self._failed | self._stopped]
-        room = self.buffer.room() - sum(self._outstanding.values())
-        grants = dict.fromkeys(live, 0)
-        while room > 0:
-            open_ = [g for g in live if self._outstanding[g] < self.credits_per_generator]
-            if not open_:
-                break
-            g = min(open_, key=lambda r: self._outstanding[r])
-            self._outstanding[g] += 1
-            grants[g] += 1
-            room -= 1
-        return grants
 
     def _send(self, g: int, kind: Kind, *args: int, blob: bytes = b"") -> bool:
         """Send on the control group; a failure marks generator `g` lost and fails the trainer."""
@@ -214,17 +220,19 @@ class Receiver:
                              timeout_s=self.timeout_s)
             return True
         except Exception as err:
-            with self._cond:
-                self._failed.add(g)
-            self._fail(f"generator rank {g}: {msg.describe_failure(err)}")
+            self._lose(g, f"generator rank {g}: {msg.describe_failure(err)}")
             return False
+
+    def _stop_sent(self, g: int, abort: bool) -> None:
+        with self._cond:
+            self._state[g] = proto.gen_on_stop_sent(self._state[g], abort)
 
     def _control_loop(self) -> None:
         interval = msg.keepalive_interval(self.timeout_s)
         # 1. Hello: where each generator's stream continues (RESUME) or that it starts fresh.
         for g in self.generators:
             if g in self._resume:
-                self._send(g, Kind.RESUME, blob=json.dumps(self._resume[g]).encode())
+                self._send(g, Kind.RESUME, blob=json.dumps(self._resume[g].to_dict()).encode())
             else:
                 self._send(g, Kind.START)
         last_sent = dict.fromkeys(self.generators, time.monotonic())
@@ -233,25 +241,37 @@ class Receiver:
             with self._cond:
                 self._cond.wait(timeout=interval / 2)
                 now = time.monotonic()
-                silent = [g for g in self.generators if g not in self._ended | self._failed
+                silent = [g for g, s in self._state.items() if s in proto.LISTENING
                           and now - self._last_seen[g] > self.timeout_s]
-                self._failed.update(silent)
-                acks = sorted(self._ack_failed - self._stopped)
-                self._stopped.update(acks)
+                slow = [g for g, s in self._state.items() if s == GenState.WARMING
+                        and now - self._started_at > self.startup_timeout_s]
+                for g in silent + slow:
+                    self._state[g] = proto.gen_lost(self._state[g])
+                acks = [g for g, s in self._state.items() if s == GenState.FAILED]
                 stopping, reason = self._stopping, self._stop_reason
-                grants = {} if stopping else self._grants()
-                talk_to = [g for g in self.generators if g not in self._failed | self._stopped]
+                grants = {}
+                if not stopping:
+                    grantable = [g for g, s in self._state.items() if s in proto.GRANTABLE]
+                    room = self.buffer.room() - sum(self._outstanding.values())
+                    grants = proto.grant_credit(self._outstanding, grantable, room,
+                                                self.credits_per_generator)
+                    for g, n in grants.items():
+                        self._outstanding[g] += n
+                talk_to = [g for g, s in self._state.items() if s in proto.TALKING]
             for g in silent:
                 self._fail(f"generator rank {g} stopped answering: no message for "
                            f"{self.timeout_s:g} s (transport.timeout_s)")
+            for g in slow:
+                self._fail(f"generator rank {g} still warming up {self.startup_timeout_s:g} s "
+                           "after the start (transport.startup_timeout_s)")
             # 3. Acknowledge FAILs with STOP so failed generators can exit.
             for g in acks:
                 self._send(g, Kind.STOP)
+                self._stop_sent(g, abort=False)
             if stopping:
                 for g in talk_to:
                     self._send(g, Kind.STOP, blob=(reason or "").encode())
-                with self._cond:
-                    self._stopped.update(talk_to)
+                    self._stop_sent(g, abort=reason is not None)
                 return
             # 4. Credit where there is room, keepalives to the rest.
             for g in talk_to:
@@ -268,7 +288,7 @@ class Receiver:
     def cursors(self) -> dict[int, dict[str, Any]]:
         """Per generator rank, the cursor record after the last group this trainer received."""
         with self._cond:
-            return dict(self._cursors)
+            return {g: c.to_dict() for g, c in self._cursors.items()}
 
     def outstanding(self) -> dict[int, int]:
         with self._cond:

@@ -20,8 +20,9 @@ from typing import Any
 from online_stablerep.distributed.groups import JobGroups
 from online_stablerep.records import CaptionGroup
 from online_stablerep.transport import messages as msg
+from online_stablerep.transport import protocol as proto
 from online_stablerep.transport.messages import Kind, TransportError
-from online_stablerep.transport.receiver import newer_cursor
+from online_stablerep.transport.protocol import Cursor, TrainerState
 from online_stablerep.transport.wire import pack_groups
 
 
@@ -31,22 +32,29 @@ class GeneratorLink:
     Args:
         groups: this rank's process groups (data_plane and control are used).
         timeout_s: a trainer silent this long (no credit, no keepalive) fails the generator.
+        startup_timeout_s: how long to wait for every trainer's START or RESUME (they build
+            their model first; default: timeout_s).
     """
 
-    def __init__(self, groups: JobGroups, timeout_s: float) -> None:
+    def __init__(
+        self, groups: JobGroups, timeout_s: float, startup_timeout_s: float | None = None
+    ) -> None:
         assert groups.data_plane is not None and groups.control is not None
         self.groups = groups
         self.rank = groups.rank
         self.timeout_s = timeout_s
+        self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self.trainers = groups.roles.trainer_ranks
         self.error: TransportError | None = None
         self.idle_s = 0.0
+        # Until the first batch is queued, keepalives tell trainers "alive, warming up".
+        self.warming = True
+        # When set (a signal), waits for credit return early so the caller can stop.
+        self.interrupt: threading.Event | None = None
         self._cond = threading.Condition()
+        self._state = dict.fromkeys(self.trainers, TrainerState.WAITING)
         self._credit = dict.fromkeys(self.trainers, 0)
-        self._hello: dict[int, dict[str, Any] | None] = {}
-        self._stopped: set[int] = set()
-        self._aborted: set[int] = set()  # trainers that stopped with a failure reason
-        self._done_with: set[int] = set()  # trainers sent END or FAIL: nothing more goes there
+        self._hello: dict[int, Cursor | None] = {}
         self._queue: deque[tuple[Kind, int, Any]] = deque()
         self._fail_reason: str | None = None
         self._last_seen = dict.fromkeys(self.trainers, time.monotonic())
@@ -56,39 +64,52 @@ class GeneratorLink:
 
     # ---- main-thread API ---------------------------------------------------------------------
 
+    def _start_sending(self) -> None:
+        """Under the lock: start the send thread once (after every hello, or to send FAIL)."""
+        if not self._send.ident:
+            self._send.start()
+
     def _raise_if_failed(self) -> None:
         """Under the lock: raise the first error, or name a trainer that went silent."""
         if self.error is not None:
             raise self.error
         now = time.monotonic()
-        for t in self.trainers:
-            if t not in self._stopped and now - self._last_seen[t] > self.timeout_s:
+        for t, state in self._state.items():
+            if state in proto.WATCHED and now - self._last_seen[t] > self.timeout_s:
                 self.error = TransportError(
                     f"generator rank {self.rank}: trainer rank {t} stopped answering: no message "
                     f"for {self.timeout_s:g} s (transport.timeout_s)"
                 )
                 raise self.error
 
+    def _interrupted(self) -> bool:
+        return self.interrupt is not None and self.interrupt.is_set()
+
+    def _all_stopped(self) -> bool:
+        return all(s in proto.STOPPED for s in self._state.values())
+
     def wait_hello(self) -> dict[str, Any] | None:
-        """Block until every trainer said START or RESUME (at most timeout_s); then start
-        sending. Returns the cursor record to resume from (the newest any trainer holds)."""
-        deadline = time.monotonic() + self.timeout_s
+        """Block until every trainer said START or RESUME (at most startup_timeout_s). Returns
+        the cursor record to resume from (the newest any trainer holds)."""
+        deadline = time.monotonic() + self.startup_timeout_s
         with self._cond:
-            while len(self._stopped.union(self._hello)) < len(self.trainers):
+            while any(s == TrainerState.WAITING for s in self._state.values()):
                 if self.error is not None:
                     raise self.error
                 if time.monotonic() > deadline:
-                    missing = [t for t in self.trainers if t not in self._hello]
+                    missing = [t for t, s in self._state.items() if s == TrainerState.WAITING]
                     raise TransportError(
                         f"generator rank {self.rank}: no START or RESUME from trainer ranks "
-                        f"{missing} within {self.timeout_s:g} s (transport.timeout_s)"
+                        f"{missing} within {self.startup_timeout_s:g} s "
+                        "(transport.startup_timeout_s)"
                     )
                 self._cond.wait(timeout=0.5)
             resume = None
             for record in self._hello.values():
-                resume = newer_cursor(resume, record)
-        self._send.start()
-        return resume
+                resume = proto.newer_cursor(resume, record)
+            self._last_seen = dict.fromkeys(self.trainers, time.monotonic())
+            self._start_sending()
+        return None if resume is None else resume.to_dict()
 
     def wait_credit(self) -> bool:
         """Block until some trainer granted credit (True) or every trainer stopped (False);
@@ -97,31 +118,39 @@ class GeneratorLink:
         with self._cond:
             while True:
                 self._raise_if_failed()
-                if any(self._credit[t] for t in self.trainers if t not in self._stopped):
+                if proto.pick_trainer(self._credit, self._state, 1) is not None:
                     break
-                if len(self._stopped) == len(self.trainers):
+                if self._all_stopped() or self._interrupted():
                     break
                 self._cond.wait(timeout=0.5)
             self.idle_s += time.monotonic() - start
-            return len(self._stopped) < len(self.trainers)
+            return not self._all_stopped()
 
     def take_credit(self, most: int) -> tuple[int, int] | None:
         """Reserve up to `most` groups of credit at the trainer holding the most credit (so no
         trainer starves while another fills up): (trainer rank, groups), or None when every
-        trainer stopped."""
-        if not self.wait_credit():
-            return None
+        trainer stopped. Waiting and taking happen under one lock, so a STOP that arrives in
+        between cannot leave nothing to take."""
+        start = time.monotonic()
         with self._cond:
-            live = [t for t in self.trainers if t not in self._stopped and self._credit[t]]
-            trainer = max(live, key=lambda t: self._credit[t])
-            count = min(most, self._credit[trainer])
-            self._credit[trainer] -= count
-            return trainer, count
+            try:
+                while True:
+                    self._raise_if_failed()
+                    taken = proto.pick_trainer(self._credit, self._state, most)
+                    if taken is not None:
+                        self._credit[taken[0]] -= taken[1]
+                        return taken
+                    if self._all_stopped() or self._interrupted():
+                        return None
+                    self._cond.wait(timeout=0.5)
+            finally:
+                self.idle_s += time.monotonic() - start
 
     def send(self, trainer: int, groups: list[CaptionGroup], meta: dict[str, Any]) -> None:
         """Queue a batch for `trainer` (credit already taken); `meta` travels as JSON."""
         with self._cond:
             self._raise_if_failed()
+            self.warming = False
             self._queue.append((Kind.DATA, trainer, (groups, json.dumps(meta).encode())))
             self._cond.notify_all()
 
@@ -132,7 +161,7 @@ class GeneratorLink:
             for t in self.trainers:
                 self._queue.append((Kind.END, t, None))
             self._cond.notify_all()
-            while len(self._stopped) < len(self.trainers):
+            while not self._all_stopped():
                 self._raise_if_failed()
                 self._cond.wait(timeout=0.5)
         self.close()
@@ -143,12 +172,11 @@ class GeneratorLink:
         with self._cond:
             self._fail_reason = reason
             self._cond.notify_all()
-        if not self._send.ident:
-            self._send.start()
+            self._start_sending()
         self._send.join(timeout=self.timeout_s)
         deadline = time.monotonic() + min(self.timeout_s, 10.0)
         with self._cond:
-            while len(self._stopped) < len(self.trainers) and time.monotonic() < deadline:
+            while not self._all_stopped() and time.monotonic() < deadline:
                 self._cond.wait(timeout=0.2)
 
     def close(self) -> None:
@@ -160,7 +188,11 @@ class GeneratorLink:
     @property
     def all_stopped(self) -> bool:
         with self._cond:
-            return len(self._stopped) == len(self.trainers)
+            return self._all_stopped()
+
+    def states(self) -> dict[int, TrainerState]:
+        with self._cond:
+            return dict(self._state)
 
     # ---- listen thread -----------------------------------------------------------------------
 
@@ -171,12 +203,15 @@ class GeneratorLink:
             self._cond.notify_all()
 
     def _listen_loop(self) -> None:
-        group, timeout = self.groups.control, self.timeout_s
+        group = self.groups.control
         while True:
             with self._cond:
-                live = [t for t in self.trainers if t not in self._stopped]
+                live = [t for t, s in self._state.items() if s not in proto.STOPPED]
+                # Trainers build their model before their hello: that wait has its own budget.
+                waiting = any(s == TrainerState.WAITING for s in self._state.values())
             if not live:
                 return
+            timeout = self.startup_timeout_s if waiting else self.timeout_s
             try:
                 src, kind, args = msg.recv_message(group, None, timeout)
                 blob = b""
@@ -188,58 +223,65 @@ class GeneratorLink:
                 return
             with self._cond:
                 self._last_seen[src] = time.monotonic()
-                if kind == Kind.START:
-                    self._hello[src] = None
-                elif kind == Kind.RESUME:
-                    self._hello[src] = json.loads(blob)
+                before = self._state[src]
+                try:
+                    self._state[src] = proto.trainer_on_message(before, kind, reason=bool(blob))
+                except proto.ProtocolError as err:
+                    self.error = self.error or TransportError(
+                        f"generator rank {self.rank}: trainer rank {src}: {err}"
+                    )
+                    self._cond.notify_all()
+                    continue
+                if kind in (Kind.START, Kind.RESUME):
+                    self._hello[src] = Cursor.from_dict(json.loads(blob)) if blob else None
+                    if not any(s == TrainerState.WAITING for s in self._state.values()):
+                        # Keepalives ("alive, warming up") flow while the model is built.
+                        self._start_sending()
                 elif kind == Kind.CREDIT:
                     self._credit[src] += args[0]
                 elif kind == Kind.STOP:
-                    self._stopped.add(src)
                     self._credit[src] = 0
                     if blob:
-                        self._aborted.add(src)
                         self.error = self.error or TransportError(
                             f"generator rank {self.rank}: trainer rank {src} aborted: "
                             f"{blob.decode('utf-8', 'replace')}"
                         )
-                    elif src in self._hello:
+                    elif self._state[src] == TrainerState.STOPPING:
                         self._queue.append((Kind.END, src, None))
-                    else:
-                        # Stopped before it started receiving: nothing was sent, no END due.
-                        self._done_with.add(src)
-                elif kind != Kind.KEEPALIVE:
-                    self.error = self.error or TransportError(
-                        f"generator rank {self.rank}: unexpected {kind.name} from trainer {src}"
-                    )
                 self._cond.notify_all()
 
     # ---- send thread -------------------------------------------------------------------------
 
+    def _sent(self, t: int, kind: Kind) -> None:
+        with self._cond:
+            self._state[t] = proto.trainer_on_sent(self._state[t], kind)
+
     def _send_loop(self) -> None:
         group, timeout = self.groups.data_plane, self.timeout_s
         interval = msg.keepalive_interval(timeout)
-        last_sent = dict.fromkeys(self.trainers, time.monotonic())
+        last_sent = dict.fromkeys(self.trainers, 0.0)
         while True:
             with self._cond:
-                if (self._fail_reason is None and not self._queue
-                        and len(self._done_with) < len(self.trainers)):
+                open_ = [t for t, s in self._state.items() if s in proto.SENDABLE]
+                if self._fail_reason is None and not self._queue and open_:
                     self._cond.wait(timeout=interval / 2)
+                    open_ = [t for t, s in self._state.items() if s in proto.SENDABLE]
                 reason = self._fail_reason
                 item = self._queue.popleft() if self._queue and reason is None else None
-                open_ = [t for t in self.trainers if t not in self._done_with]
-                listening = [t for t in open_ if t not in self._aborted]
-            if not open_:
-                return
+                warming = self.warming
+                # FAIL also goes to trainers whose hello has not arrived: they will read it.
+                fail_to = [t for t, s in self._state.items()
+                           if s in proto.SENDABLE or s == TrainerState.WAITING]
             if reason is not None:
-                for t in listening:
+                for t in fail_to:
                     try:
                         msg.send_message(group, t, Kind.FAIL, blob=reason.encode(),
                                          timeout_s=timeout)
                     except Exception:
-                        continue  # that trainer is gone too; the others still hear about it
-                with self._cond:
-                    self._done_with.update(open_)
+                        pass  # that trainer is gone too; the others still hear about it
+                    self._sent(t, Kind.FAIL)
+                return
+            if not open_:
                 return
             now = time.monotonic()
             if item is None:
@@ -254,14 +296,14 @@ class GeneratorLink:
                         header, payload = pack_groups(groups, extra)
                         msg.send_data(group, t, header, payload, timeout)
                     else:
-                        msg.send_message(group, t, kind, timeout_s=timeout)
+                        # A keepalive's argument says "alive, warming up" (1) or "ready" (0).
+                        args = (int(warming),) if kind == Kind.KEEPALIVE else ()
+                        msg.send_message(group, t, kind, *args, timeout_s=timeout)
                 except Exception as err:
                     with self._cond:
-                        self._done_with.add(t)
+                        self._state[t] = proto.trainer_lost(self._state[t])
                     self._set_error(f"sending {kind.name} to trainer rank {t}: "
                                     f"{msg.describe_failure(err)}")
                     continue
                 last_sent[t] = now
-                if kind == Kind.END:
-                    with self._cond:
-                        self._done_with.add(t)
+                self._sent(t, kind)

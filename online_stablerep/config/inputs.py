@@ -1,0 +1,154 @@
+"""Checks of everything a config points at, run on every rank (and by launch/train.sh) before any
+process group or model exists: the layout against the launched world, the output and evaluation
+paths, the caption corpus, the diffusion model folders and the backbone's input size.
+
+Each failure is an InputError naming the key, file or value and what to do; the CLI prints it as
+one line and exits 2. `validate()` (config/validate.py) checks values on their own; this module
+checks them against the world and the file system.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from online_stablerep.config.schema import Config
+from online_stablerep.config.validate import ConfigError
+from online_stablerep.distributed.roles import Roles
+
+
+class InputError(ConfigError):
+    """An input the config points at cannot work (missing file, bad corpus, wrong layout)."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
+
+
+def _check_output_dir(path: Path) -> None:
+    _require(not path.exists() or path.is_dir(),
+             f"output_dir={str(path)!r} is a file: give a directory (it is created if missing)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    _require(existing.is_dir(), f"output_dir={str(path)!r}: {existing} is a file, not a folder")
+    _require(os.access(existing, os.W_OK),
+             f"output_dir={str(path)!r}: {existing} is not writable: choose another output_dir")
+
+
+def _check_backbone(cfg: Config) -> None:
+    import timm
+
+    from online_stablerep.models.encoder import build_backbone
+
+    name, size = cfg.model.backbone, cfg.model.image_size
+    _require(timm.is_model(name),
+             f"model.backbone={name!r} is not a timm model name (see timm.list_models())")
+    # On the meta device nothing is allocated: only the patch size is read. A model that cannot
+    # be built there is checked when it is built for real.
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(name, size, 0.0)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        return
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if patch:
+        p = int(patch[0]) if isinstance(patch, (tuple, list)) else int(patch)
+        _require(size % p == 0,
+                 f"model.image_size={size} is not a multiple of the patch size {p} of "
+                 f"model.backbone={name!r} (the last {size % p} pixels would be cropped): use "
+                 f"{size - size % p} or {size - size % p + p}")
+
+
+def _looks_like_path(text: str) -> bool:
+    """A hub id is "org/name"; anything else with a path shape is meant as a folder."""
+    return text.startswith(("/", ".", "~")) or text.count("/") != 1
+
+
+def _check_generator_model(cfg: Config) -> None:
+    from online_stablerep.config.validate import RANDOM_ARCHITECTURES
+
+    model = cfg.generator.model
+    if model not in RANDOM_ARCHITECTURES:
+        folder = Path(model).expanduser()
+        if folder.exists():
+            _require((folder / "model_index.json").is_file(),
+                     f"generator.model={model!r}: not a diffusers folder (no model_index.json): "
+                     "give the folder saved by save_pretrained, a hub id, or one of "
+                     f"{', '.join(RANDOM_ARCHITECTURES)}")
+        else:
+            _require(not _looks_like_path(model),
+                     f"generator.model={model!r}: no such folder: give a local diffusers folder, "
+                     f"a hub id like org/name, or one of {', '.join(RANDOM_ARCHITECTURES)}")
+    if cfg.generator.tiny_vae:
+        _require(Path(cfg.generator.tiny_vae).is_dir(),
+                 f"generator.tiny_vae={cfg.generator.tiny_vae!r}: no such folder (give an "
+                 "AutoencoderTiny folder, or leave it empty)")
+
+
+def _check_captions(cfg: Config, producers: int) -> None:
+    from online_stablerep.producers.captions import CaptionSource
+
+    try:
+        count = len(CaptionSource.open(cfg.captions))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    n = cfg.batch.captions_per_batch
+    where = cfg.captions.path or "the demo captions"
+    _require(count >= producers,
+             f"captions.path={where!r}: {count} captions cannot be split across {producers} "
+             "producers (each needs at least one): use a larger corpus or fewer generators")
+    _require(count >= n,
+             f"captions.path={where!r}: {count} captions, fewer than batch.captions_per_batch="
+             f"{n} distinct captions a batch needs: use a larger corpus or a smaller batch")
+    if not cfg.captions.shuffle:
+        # Unshuffled, a shard holds the same captions every epoch; a colocated trainer draws
+        # its batches from its own shard only.
+        smallest = count // producers
+        _require(producers == 1 or smallest >= n,
+                 f"captions.shuffle=false: the smallest of {producers} shards of "
+                 f"captions.path={where!r} holds {smallest} captions, fewer than "
+                 f"batch.captions_per_batch={n}: set captions.shuffle=true, use a larger corpus "
+                 "or a smaller batch")
+
+
+def _check_eval(cfg: Config) -> None:
+    dataset = cfg.eval.dataset
+    if not cfg.eval.probe_at_end or dataset == "procedural":
+        return
+    root = Path(dataset)
+    for split in ("train", "val"):
+        _require((root / split).is_dir(),
+                 f"eval.dataset={dataset!r}: no {split}/ folder there (give an ImageFolder root "
+                 "with train/ and val/, 'procedural', or eval.probe_at_end=false)")
+
+
+def check_inputs(cfg: Config, world_size: int, local_world_size: int | None = None) -> Roles:
+    """Check what `cfg` points at for a job of `world_size` ranks; returns the job's roles.
+
+    Raises:
+        InputError: naming the key, file or value that cannot work and what to do.
+    """
+    try:
+        roles = Roles.from_spec(cfg.roles.generators, world_size, local_world_size)
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+    _check_output_dir(Path(cfg.output_dir))
+    _check_backbone(cfg)
+    producers = world_size if roles.colocated else roles.num_generators
+    if cfg.producer.kind == "diffusion":
+        _check_generator_model(cfg)
+        _check_captions(cfg, producers)
+    else:
+        _require(cfg.procedural.num_categories >= cfg.batch.captions_per_batch,
+                 f"procedural.num_categories={cfg.procedural.num_categories} < "
+                 f"batch.captions_per_batch={cfg.batch.captions_per_batch}: a batch needs that "
+                 "many distinct categories")
+        _require(cfg.procedural.num_categories >= producers,
+                 f"procedural.num_categories={cfg.procedural.num_categories} cannot be split "
+                 f"across {producers} producers")
+    _check_eval(cfg)
+    return roles

@@ -1,0 +1,127 @@
+"""How a rank ends: a stop request set by SIGTERM/SIGINT that the loops honour at their next step,
+and a last word per rank (`output_dir/ranks/rank{N}.json`: role, status, reason) that the job's
+wrapper reads once the launcher exits, to print one line naming the rank that failed and its role.
+
+`python -m online_stablerep.jobs.shutdown OUTPUT_DIR --world N --code C` is that report
+(launch/train.sh runs it); it exits with the job's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RANKS_DIR = "ranks"
+
+
+class StopRequest(threading.Event):
+    """Set by the first SIGTERM or SIGINT: trainers stop at the next step with a checkpoint,
+    generators send END. A second SIGINT (Ctrl-C twice) stops at once; repeated SIGTERMs (the
+    launcher forwards the one the whole process group got) change nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal_name = ""
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal (143 for SIGTERM)."""
+        return 128 + int(signal.Signals[self.signal_name]) if self.signal_name else 0
+
+    def install(self, on_request: Any = None) -> None:
+        """Handle SIGTERM and SIGINT in this (main) thread from now on."""
+
+        def handle(signum: int, frame: object) -> None:
+            name = signal.Signals(signum).name
+            if self.is_set():
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt(f"second {name}: stopping at once")
+                return
+            self.signal_name = name
+            self.set()
+            if on_request is not None:
+                on_request(name)
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+def last_word_path(output_dir: str | Path, rank: int) -> Path:
+    return Path(output_dir) / RANKS_DIR / f"rank{rank}.json"
+
+
+def write_last_word(output_dir: str | Path, rank: int, role: str, status: str, reason: str = "",
+                    cause: str = "", code: int = 0) -> None:
+    """Record this rank's state: status is running, finished, stopped (by a signal, cleanly) or
+    failed; cause is "own" (this rank's error) or "peer" (another rank failed or vanished).
+    Never raises: a rank that cannot write (a bad output_dir) still exits with its code."""
+    path = last_word_path(output_dir, rank)
+    word = {"rank": rank, "role": role, "status": status, "reason": reason, "cause": cause,
+            "code": code, "pid": os.getpid(), "time": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(word))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def read_last_words(output_dir: str | Path, world: int) -> dict[int, dict[str, Any] | None]:
+    """Rank -> its last word, None for a rank that wrote none."""
+    words: dict[int, dict[str, Any] | None] = {}
+    for rank in range(world):
+        try:
+            words[rank] = json.loads(last_word_path(output_dir, rank).read_text())
+        except (OSError, ValueError):
+            words[rank] = None
+    return words
+
+
+def summarize(words: dict[int, dict[str, Any] | None], launcher_code: int) -> tuple[str, int]:
+    """One line saying how the job ended, naming the failed rank and its role; and the job's
+    exit code. The rank to blame: one that failed of its own error, else one that vanished
+    without a final word (killed: SIGKILL, the OOM killer), else one failed by a peer."""
+    final = {r: w for r, w in words.items() if w is not None and w["status"] != "running"}
+    vanished = [r for r in words if r not in final]
+    own = [r for r, w in final.items() if w["status"] == "failed" and w["cause"] != "peer"]
+    failed = [r for r, w in final.items() if w["status"] == "failed"]
+    if own:
+        w = final[own[0]]
+        return f"job failed: rank {own[0]} ({w['role']}) failed: {w['reason']}", w["code"] or 1
+    if vanished:
+        r = vanished[0]
+        role = f" ({words[r]['role']})" if words[r] else ""
+        return (f"job failed: rank {r}{role} died without a last word (killed by SIGKILL, the "
+                "out-of-memory killer, or a crash of the interpreter)"), launcher_code or 1
+    if failed:
+        w = final[failed[0]]
+        return f"job failed: rank {failed[0]} ({w['role']}) failed: {w['reason']}", w["code"] or 1
+    stopped = [w for w in final.values() if w["status"] == "stopped"]
+    if stopped:
+        return (f"job stopped: {stopped[0]['reason']}; every rank stopped cleanly "
+                "(resume=true continues from the last checkpoint)"), stopped[0]["code"]
+    return "job finished: every rank exited cleanly", launcher_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="online_stablerep.jobs.shutdown",
+                                     description="Say how a job ended, from its ranks' last words.")
+    parser.add_argument("output_dir")
+    parser.add_argument("--world", type=int, required=True, help="ranks the job started")
+    parser.add_argument("--code", type=int, default=0, help="the launcher's exit code")
+    args = parser.parse_args(argv)
+    line, code = summarize(read_last_words(args.output_dir, args.world), args.code)
+    print(line, file=sys.stderr if code else sys.stdout, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

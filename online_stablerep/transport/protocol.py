@@ -1,0 +1,244 @@
+"""The transport's protocol as data: the cursor record, each side's view of its peers as a state
+enum, and the transitions and the credit rule as pure functions. The threads in receiver.py and
+sender.py only do the gloo I/O and apply these under their lock (unit-tested in one process in
+tests/test_transport_protocol.py).
+
+A generator, as a trainer sees it (GenState):
+
+    WARMING --DATA / keepalive "ready"--> STREAMING
+    WARMING | STREAMING --END--> ENDED --STOP sent--> CLOSED
+    WARMING | STREAMING --clean STOP sent--> STOPPING --END--> CLOSED
+    any live --FAIL--> FAILED --STOP sent (the acknowledgement)--> CLOSED
+    any live --aborting STOP sent--> CLOSED
+    any live --silent for timeout_s, or a connection error--> LOST
+
+A trainer, as a generator sees it (TrainerState):
+
+    WAITING --START / RESUME--> OPEN ; WAITING --STOP--> CLOSED (nothing was sent: no END due)
+    OPEN --clean STOP--> STOPPING --END sent--> CLOSED
+    WAITING | OPEN --END or FAIL sent--> DRAINED --STOP--> CLOSED
+    any not closed --STOP with a reason--> ABORTED
+    any not closed --a send fails--> LOST
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from online_stablerep.transport.messages import Kind
+
+
+class ProtocolError(RuntimeError):
+    """A peer sent a message its state does not allow."""
+
+
+# ---- the cursor record -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a generator's stream stands after the groups of one batch sent.
+
+    Attributes:
+        seq: the producer call the groups came from (1-based).
+        end: groups of that call delivered so far.
+        length: groups the call made.
+        before: the producer's state before the call.
+        after: its state after the call, only once the call is fully delivered.
+    """
+
+    seq: int
+    end: int
+    length: int
+    before: dict[str, Any]
+    after: dict[str, Any] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.end >= self.length
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form that travels in DATA and RESUME and is checkpointed."""
+        return {"seq": self.seq, "end": self.end, "len": self.length, "before": self.before,
+                "after": self.after}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Cursor:
+        return cls(int(record["seq"]), int(record["end"]), int(record["len"]), record["before"],
+                   record.get("after"))
+
+    def resume_point(self) -> tuple[dict[str, Any], int, int]:
+        """(producer state to load, calls already made, groups of the next call to drop): after
+        the call if it was fully delivered, else redo it and drop what was delivered."""
+        if self.complete:
+            assert self.after is not None
+            return self.after, self.seq, 0
+        return self.before, self.seq - 1, self.end
+
+
+def newer_cursor(a: Cursor | None, b: Cursor | None) -> Cursor | None:
+    """The cursor further along a generator's stream (by call number, then offset)."""
+    if a is None or b is None:
+        return a or b
+    return a if (a.seq, a.end) >= (b.seq, b.end) else b
+
+
+# ---- trainer side: the generators ------------------------------------------------------------
+
+
+class GenState(enum.Enum):
+    WARMING = "warming up"
+    STREAMING = "streaming"
+    ENDED = "ended"
+    STOPPING = "stopping"
+    FAILED = "failed"
+    CLOSED = "closed"
+    LOST = "lost"
+
+
+# Generators the receive thread still expects messages from (a silent one is lost).
+LISTENING = frozenset({GenState.WARMING, GenState.STREAMING, GenState.STOPPING})
+# Generators that may be granted credit.
+GRANTABLE = frozenset({GenState.WARMING, GenState.STREAMING})
+# Generators the control thread talks to (credit, keepalives, STOP at the end).
+TALKING = frozenset({GenState.WARMING, GenState.STREAMING, GenState.ENDED})
+# Generators that will send no more groups.
+FINISHED = frozenset({GenState.ENDED, GenState.FAILED, GenState.CLOSED, GenState.LOST})
+
+
+def gen_on_message(state: GenState, kind: Kind, ready: bool = True) -> GenState:
+    """A generator's state after its message `kind` reached the trainer.
+
+    Args:
+        ready: for KEEPALIVE, False while the generator is still warming up.
+
+    Raises:
+        ProtocolError: DATA from a generator that ended, or a message a generator never sends.
+    """
+    if state in (GenState.CLOSED, GenState.LOST, GenState.FAILED):
+        return state  # late messages from a peer already settled change nothing
+    if kind == Kind.KEEPALIVE:
+        return GenState.STREAMING if state == GenState.WARMING and ready else state
+    if kind == Kind.DATA:
+        if state == GenState.ENDED:
+            raise ProtocolError("DATA after END")
+        return GenState.STREAMING if state == GenState.WARMING else state
+    if kind == Kind.END:
+        return GenState.CLOSED if state == GenState.STOPPING else GenState.ENDED
+    if kind == Kind.FAIL:
+        # A FAIL after our STOP needs no acknowledgement: the generator already has its STOP.
+        return GenState.CLOSED if state == GenState.STOPPING else GenState.FAILED
+    raise ProtocolError(f"unexpected {kind.name} from a generator")
+
+
+def gen_on_stop_sent(state: GenState, abort: bool) -> GenState:
+    """A generator's state after the trainer sent it STOP (`abort`: with a failure reason)."""
+    if state in (GenState.CLOSED, GenState.LOST):
+        return state
+    if state in (GenState.WARMING, GenState.STREAMING) and not abort:
+        return GenState.STOPPING
+    return GenState.CLOSED
+
+
+def gen_lost(state: GenState) -> GenState:
+    """A generator went silent or its connection failed."""
+    return state if state == GenState.CLOSED else GenState.LOST
+
+
+def grant_credit(
+    outstanding: dict[int, int], grantable: list[int], room: int, per_generator: int
+) -> dict[int, int]:
+    """The credit rule: hand out at most `room` slots (the buffer's room minus credit already
+    outstanding), one at a time to the grantable generator with the least outstanding, never
+    more than `per_generator` outstanding each. Returns generator rank -> new credit."""
+    held = {g: outstanding[g] for g in grantable}
+    grants = dict.fromkeys(grantable, 0)
+    while room > 0:
+        open_ = [g for g in grantable if held[g] < per_generator]
+        if not open_:
+            break
+        g = min(open_, key=lambda r: held[r])
+        held[g] += 1
+        grants[g] += 1
+        room -= 1
+    return grants
+
+
+# ---- generator side: the trainers ------------------------------------------------------------
+
+
+class TrainerState(enum.Enum):
+    WAITING = "waiting for START"
+    OPEN = "open"
+    STOPPING = "stopping"
+    DRAINED = "drained"
+    CLOSED = "closed"
+    ABORTED = "aborted"
+    LOST = "lost"
+
+
+# Trainers that sent STOP (clean or not): nothing more is expected from them.
+STOPPED = frozenset({TrainerState.STOPPING, TrainerState.CLOSED, TrainerState.ABORTED})
+# Trainers the send thread still sends to (data, keepalives, END, FAIL).
+SENDABLE = frozenset({TrainerState.OPEN, TrainerState.STOPPING})
+# Trainers whose silence for timeout_s means they are gone.
+WATCHED = frozenset({TrainerState.OPEN, TrainerState.DRAINED})
+
+
+def trainer_on_message(state: TrainerState, kind: Kind, reason: bool = False) -> TrainerState:
+    """A trainer's state after its message `kind` reached the generator.
+
+    Args:
+        reason: for STOP, whether it carried a failure reason (an abort).
+
+    Raises:
+        ProtocolError: a message a trainer never sends, or START/RESUME twice.
+    """
+    if state == TrainerState.CLOSED:
+        return state
+    if kind in (Kind.START, Kind.RESUME):
+        if state == TrainerState.WAITING:
+            return TrainerState.OPEN
+        if state == TrainerState.DRAINED:
+            return state  # a hello that crossed our FAIL
+        raise ProtocolError(f"{kind.name} twice")
+    if kind in (Kind.CREDIT, Kind.KEEPALIVE):
+        return state
+    if kind == Kind.STOP:
+        if reason:
+            return TrainerState.ABORTED
+        if state == TrainerState.OPEN:
+            return TrainerState.STOPPING
+        return TrainerState.CLOSED if state != TrainerState.ABORTED else state
+    raise ProtocolError(f"unexpected {kind.name} from a trainer")
+
+
+def trainer_on_sent(state: TrainerState, kind: Kind) -> TrainerState:
+    """A trainer's state after the generator sent it `kind` (END and FAIL end the sending)."""
+    if kind not in (Kind.END, Kind.FAIL):
+        return state
+    if state in (TrainerState.WAITING, TrainerState.OPEN):
+        return TrainerState.DRAINED
+    if state == TrainerState.STOPPING:
+        return TrainerState.CLOSED
+    return state
+
+
+def trainer_lost(state: TrainerState) -> TrainerState:
+    """A send to the trainer failed: nothing more goes there."""
+    return state if state in (TrainerState.CLOSED, TrainerState.ABORTED) else TrainerState.LOST
+
+
+def pick_trainer(
+    credit: dict[int, int], states: dict[int, TrainerState], most: int
+) -> tuple[int, int] | None:
+    """Where the next groups go: the open trainer holding the most credit (so no trainer starves
+    while another fills up) and how many of `most` it takes; None when no open trainer holds
+    credit."""
+    holders = [t for t, s in states.items() if s == TrainerState.OPEN and credit[t] > 0]
+    if not holders:
+        return None
+    trainer = max(holders, key=lambda t: credit[t])
+    return trainer, min(most, credit[trainer])

@@ -1,0 +1,217 @@
+"""The transport protocol as pure functions, in one process: cursor records, each side's peer
+states and their transitions, the credit rule and the choice of trainer."""
+
+import pytest
+
+from online_stablerep.transport.messages import Kind
+from online_stablerep.transport.protocol import (
+    FINISHED,
+    GRANTABLE,
+    LISTENING,
+    STOPPED,
+    TALKING,
+    Cursor,
+    GenState,
+    ProtocolError,
+    TrainerState,
+    gen_lost,
+    gen_on_message,
+    gen_on_stop_sent,
+    grant_credit,
+    newer_cursor,
+    pick_trainer,
+    trainer_lost,
+    trainer_on_message,
+    trainer_on_sent,
+)
+
+G = GenState
+T = TrainerState
+
+
+# ---- cursor ---------------------------------------------------------------------------------
+
+
+def test_cursor_round_trips_through_its_checkpointed_form():
+    cursor = Cursor(3, 2, 4, {"epoch": 0, "position": 8}, None)
+    record = cursor.to_dict()
+    assert set(record) == {"seq", "end", "len", "before", "after"}
+    assert Cursor.from_dict(record) == cursor
+
+
+def test_resume_point_continues_after_a_delivered_call_or_redoes_a_partial_one():
+    done = Cursor(5, 4, 4, {"p": 16}, {"p": 20})
+    assert done.resume_point() == ({"p": 20}, 5, 0)
+    partial = Cursor(5, 3, 4, {"p": 16}, None)
+    assert partial.resume_point() == ({"p": 16}, 4, 3)  # redo call 5, drop its 3 delivered
+
+
+def test_newer_cursor_orders_by_call_then_offset():
+    a, b, c = Cursor(2, 4, 4, {}), Cursor(3, 1, 4, {}), Cursor(3, 2, 4, {})
+    assert newer_cursor(a, b) is b and newer_cursor(c, b) is c
+    assert newer_cursor(None, a) is a and newer_cursor(a, None) is a
+    assert newer_cursor(None, None) is None
+
+
+# ---- a generator as a trainer sees it -------------------------------------------------------
+
+
+@pytest.mark.parametrize("state, kind, ready, after", [
+    (G.WARMING, Kind.KEEPALIVE, False, G.WARMING),
+    (G.WARMING, Kind.KEEPALIVE, True, G.STREAMING),
+    (G.WARMING, Kind.DATA, True, G.STREAMING),
+    (G.STREAMING, Kind.DATA, True, G.STREAMING),
+    (G.STREAMING, Kind.END, True, G.ENDED),
+    (G.STOPPING, Kind.DATA, True, G.STOPPING),  # in flight when STOP went out
+    (G.STOPPING, Kind.END, True, G.CLOSED),
+    (G.STREAMING, Kind.FAIL, True, G.FAILED),
+    (G.WARMING, Kind.FAIL, True, G.FAILED),
+    (G.STOPPING, Kind.FAIL, True, G.CLOSED),  # it already has its STOP: no acknowledgement
+    (G.LOST, Kind.DATA, True, G.LOST),
+    (G.CLOSED, Kind.KEEPALIVE, True, G.CLOSED),
+])
+def test_generator_transitions_on_messages(state, kind, ready, after):
+    assert gen_on_message(state, kind, ready) == after
+
+
+@pytest.mark.parametrize("state, kind", [(G.ENDED, Kind.DATA), (G.STREAMING, Kind.CREDIT),
+                                         (G.WARMING, Kind.START)])
+def test_generator_messages_its_state_forbids_are_protocol_errors(state, kind):
+    with pytest.raises(ProtocolError):
+        gen_on_message(state, kind)
+
+
+@pytest.mark.parametrize("state, abort, after", [
+    (G.STREAMING, False, G.STOPPING),
+    (G.WARMING, False, G.STOPPING),
+    (G.STREAMING, True, G.CLOSED),
+    (G.ENDED, False, G.CLOSED),
+    (G.FAILED, False, G.CLOSED),  # the acknowledgement of its FAIL
+    (G.LOST, False, G.LOST),
+])
+def test_generator_transitions_on_stop_sent(state, abort, after):
+    assert gen_on_stop_sent(state, abort) == after
+
+
+def test_lost_generator_gets_no_credit_no_messages_and_counts_as_finished():
+    for state in (G.WARMING, G.STREAMING, G.STOPPING, G.ENDED):
+        lost = gen_lost(state)
+        assert lost == G.LOST
+        assert lost not in GRANTABLE | TALKING | LISTENING and lost in FINISHED
+    assert gen_lost(G.CLOSED) == G.CLOSED
+
+
+def test_a_clean_stop_waits_for_every_end_while_an_ended_stream_is_finished():
+    assert G.STOPPING in LISTENING and G.STOPPING not in FINISHED
+    assert G.ENDED in TALKING and G.ENDED in FINISHED  # it still gets its STOP
+    assert G.WARMING in GRANTABLE  # credit flows while it warms up: its first call fills it
+
+
+# ---- credit rule ----------------------------------------------------------------------------
+
+
+def test_credit_fills_the_room_most_starved_first_and_caps_each_generator():
+    # 1 -> 1, 1 -> 2, 3 -> 2, 1 -> 3, 3 -> 3: everyone levelled at 3 outstanding.
+    assert grant_credit({1: 0, 2: 3, 3: 1}, [1, 2, 3], room=5, per_generator=4) == {
+        1: 3, 2: 0, 3: 2}
+    # With more room than the caps allow, each stops at per_generator.
+    assert grant_credit({1: 0, 2: 3}, [1, 2], room=50, per_generator=4) == {1: 4, 2: 1}
+
+
+def test_credit_never_exceeds_the_room_nor_goes_to_generators_not_grantable():
+    assert grant_credit({1: 0, 2: 0}, [1], room=10, per_generator=4) == {1: 4}
+    assert grant_credit({1: 0, 2: 0}, [1, 2], room=0, per_generator=4) == {1: 0, 2: 0}
+    assert grant_credit({1: 4}, [1], room=3, per_generator=4) == {1: 0}
+    assert grant_credit({}, [], room=3, per_generator=4) == {}
+
+
+def test_credit_does_not_mutate_the_outstanding_map():
+    outstanding = {1: 1}
+    grant_credit(outstanding, [1], room=2, per_generator=4)
+    assert outstanding == {1: 1}
+
+
+# ---- a trainer as a generator sees it -------------------------------------------------------
+
+
+@pytest.mark.parametrize("state, kind, reason, after", [
+    (T.WAITING, Kind.START, False, T.OPEN),
+    (T.WAITING, Kind.RESUME, False, T.OPEN),
+    (T.WAITING, Kind.STOP, False, T.CLOSED),  # stopped before it started: no END due
+    (T.OPEN, Kind.CREDIT, False, T.OPEN),
+    (T.OPEN, Kind.STOP, False, T.STOPPING),
+    (T.OPEN, Kind.STOP, True, T.ABORTED),
+    (T.DRAINED, Kind.STOP, False, T.CLOSED),
+    (T.DRAINED, Kind.START, False, T.DRAINED),  # a hello that crossed our FAIL
+    (T.LOST, Kind.STOP, False, T.CLOSED),
+    (T.CLOSED, Kind.KEEPALIVE, False, T.CLOSED),
+])
+def test_trainer_transitions_on_messages(state, kind, reason, after):
+    assert trainer_on_message(state, kind, reason) == after
+
+
+@pytest.mark.parametrize("state, kind", [(T.OPEN, Kind.START), (T.OPEN, Kind.DATA),
+                                         (T.OPEN, Kind.END)])
+def test_trainer_messages_its_state_forbids_are_protocol_errors(state, kind):
+    with pytest.raises(ProtocolError):
+        trainer_on_message(state, kind)
+
+
+@pytest.mark.parametrize("state, kind, after", [
+    (T.OPEN, Kind.DATA, T.OPEN),
+    (T.OPEN, Kind.END, T.DRAINED),
+    (T.OPEN, Kind.FAIL, T.DRAINED),
+    (T.WAITING, Kind.FAIL, T.DRAINED),
+    (T.STOPPING, Kind.END, T.CLOSED),
+    (T.ABORTED, Kind.FAIL, T.ABORTED),
+])
+def test_trainer_transitions_on_sent(state, kind, after):
+    assert trainer_on_sent(state, kind) == after
+
+
+def test_trainer_lost_and_stopped_sets():
+    assert trainer_lost(T.OPEN) == T.LOST and trainer_lost(T.ABORTED) == T.ABORTED
+    assert STOPPED == {T.STOPPING, T.CLOSED, T.ABORTED}
+
+
+def test_pick_trainer_takes_the_open_trainer_holding_most_credit():
+    states = {0: T.OPEN, 1: T.OPEN, 2: T.STOPPING}
+    assert pick_trainer({0: 1, 1: 3, 2: 9}, states, most=2) == (1, 2)
+    assert pick_trainer({0: 1, 1: 3, 2: 9}, states, most=8) == (1, 3)
+
+
+def test_pick_trainer_with_no_credit_left_returns_none_instead_of_raising():
+    # Every trainer stopped while the generator waited: nothing to take (was a ValueError).
+    assert pick_trainer({0: 0, 1: 0}, {0: T.STOPPING, 1: T.OPEN}, most=4) is None
+    assert pick_trainer({}, {}, most=4) is None
+
+
+# ---- the start-up budget, with a scripted generator in place of gloo --------------------------
+
+
+def test_a_warming_generator_is_kept_until_the_startup_budget_then_named(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from online_stablerep.replay import ReplayBuffer
+    from online_stablerep.transport import messages as msg
+    from online_stablerep.transport.receiver import Receiver
+
+    def keepalives(group, src, timeout_s):
+        time.sleep(0.1)  # "alive, warming up", ten times a second, for ever
+        return 1, Kind.KEEPALIVE, [1, 0]
+
+    monkeypatch.setattr(msg, "recv_message", keepalives)
+    monkeypatch.setattr(msg, "send_message", lambda *a, **k: None)
+    roles = SimpleNamespace(trainer_ranks=[0], generator_ranks=[1])
+    groups = SimpleNamespace(rank=0, roles=roles, data_plane="data", control="control")
+    receiver = Receiver(groups, ReplayBuffer(8, 1), 4, timeout_s=0.5, startup_timeout_s=2.0)
+    receiver.start()
+    time.sleep(1.2)  # past timeout_s: still fine, it is warming up
+    assert receiver.error is None and receiver.warming() == [1]
+    deadline = time.monotonic() + 5
+    while receiver.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "generator rank 1 still warming up" in str(receiver.error)
+    assert "transport.startup_timeout_s" in str(receiver.error)
+    assert receiver.states()[1] == GenState.LOST
