@@ -1,225 +1,349 @@
-"""Generator throughput: our sampling loop beside the stock diffusers pipeline, same run.
+"""Generator throughput, one harness for every generator benchmark: each recipe and each speed
+lever beside the stock diffusers pipeline, in the same run.
 
-    python benchmarks/generator.py --device cpu    # tiny architecture, under 3 minutes
-    python benchmarks/generator.py --device cuda   # sd15 at 512, bf16, dpm++ 20 steps, guidance 2
+    python benchmarks/generator.py                  # CPU: tiny architecture, ~6 minutes
+    python benchmarks/generator.py --device cuda    # sd15 at 512, bf16: every recipe, ~5 min
+    python benchmarks/generator.py --model toy      # any model (e.g. a trained one): diversity
+    python benchmarks/generator.py --scenarios stock,paper,fast
 
-Both sides use the same weights, scheduler, steps, guidance and images per call; the stock side
-is `StableDiffusionPipeline` (no safety checker, output_type="pt") with diffusers' defaults for
-memory format and attention. Measurements alternate between the two, after warm-up, and report
-median and spread. Writes benchmarks/results/generator-<machine>.{json,csv,png}.
+Scenarios (dataclasses below) are built once; then every timed round runs each scenario once
+(device synchronised), so all of them share whatever load the machine has and their ratios
+hold when absolute times drift. The first call of each scenario is its warm-up (compile
+included, reported as `first_call_s`). `stock` is diffusers' StableDiffusionPipeline at the
+paper's settings (DPM-Solver++ 20 steps, guidance 2, full VAE, eager): lever rows change one
+thing from those settings, so `speedup_vs_stock` is their ratio at equal settings; recipe rows
+report it too, with `speedup_vs_paper` the ratio to the `paper` recipe.
+
+Adapters, distilled UNets and tiny VAEs are random-weight artefacts of the model's own
+architecture (artefacts.py), saved and loaded through the diffusers paths a released one takes
+(speed does not depend on the values); `--lora/--tiny-vae` take real ones instead.
+`fraction_of_flop_limit` divides images/s x FLOPs per image (planning/flops.py, named
+architectures only) by the device's bf16 peak, or on a CPU by a measured fp32 matmul rate.
+`diversity` is the mean pairwise RMS distance between a caption's k images (in [0, 1] at 64
+px): meaningful only with trained weights (`--model toy` or a checkpoint).
+
+Writes benchmarks/results/generator-<machine>.{json,csv,png} after every round.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import copy
 import dataclasses
-import json
-import statistics
+import functools
+import itertools
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
+import torch.nn.functional as F
 
-from benchmarks.common import machine_name, synchronize
-from online_stablerep.config.schema import CaptionsConfig, GeneratorConfig
-from online_stablerep.planning.flops import cuda_peak_flops
-from online_stablerep.producers.captions import CaptionSource
-from online_stablerep.producers.pipeline import (
-    SCHEDULERS,
-    Components,
-    build_components,
-    stock_pipeline,
+from benchmarks.common import (
+    RESULTS_DIR,
+    Timing,
+    machine_name,
+    plot_bars,
+    resolve_device,
+    synchronize,
+    write_results,
 )
-from online_stablerep.producers.sampling import Sampler
+from online_stablerep.config.recipes import RECIPES, recipe_levers
+from online_stablerep.config.schema import CaptionsConfig, GeneratorConfig
+from online_stablerep.planning.flops import (
+    count_diffusion_flops,
+    cuda_peak_flops,
+    flops_per_generated_image,
+)
+from online_stablerep.producers import pipeline
+from online_stablerep.producers.architectures import ARCHITECTURES
+from online_stablerep.producers.artefacts import save_random_lora, save_random_tiny_vae
+from online_stablerep.producers.captions import CaptionSource
+from online_stablerep.producers.sampling import Sampler, plan_steps
 
-SETTINGS = {
-    "cpu": {"model": "tiny", "resolution": 0, "dtype": "fp32", "captions_per_call": 2,
-            "images_per_caption": 2, "steps": 4, "output_size": 64, "batch_sweep": [1, 2, 4],
-            "steps_sweep": [2, 4], "scheduler_steps": 2, "schedulers": list(SCHEDULERS),
-            "warmup": 1, "reps": 3},
-    # Sized for the ~2.5 minutes one GPU session can spend here; a scheduler's cost per step is
-    # the UNet's, so one other scheduler stands for the rest.
-    "cuda": {"model": "sd15", "resolution": 512, "dtype": "bf16", "captions_per_call": 4,
-             "images_per_caption": 4, "steps": 20, "output_size": 256,
-             "batch_sweep": [1, 4, 8], "steps_sweep": [20], "scheduler_steps": 20,
-             "schedulers": ["unipc"], "warmup": 1, "reps": 3},
-}
 GUIDANCE = 2.0
-DEFAULT_SCHEDULER = "dpm++"
+
+# Per device: model, resolution, dtype, n captions x k images a call, stored size, rounds.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    # 32 px keeps 20-step calls around a second on one shared core.
+    "cpu": {"model": "tiny", "resolution": 32, "dtype": "fp32", "captions": 1, "images": 4,
+            "output_size": 32, "warmup": 1, "reps": 3},
+    "cuda": {"model": "sd15", "resolution": 512, "dtype": "bf16", "captions": 4, "images": 4,
+             "output_size": 256, "warmup": 1, "reps": 3},
+}
 
 
-@dataclasses.dataclass
-class LeverRun:
-    """What the lever benchmarks share: parsed arguments, device, settings, and the prompts."""
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One measured configuration of the generator."""
 
-    args: argparse.Namespace
-    device: torch.device
-    settings: dict
-    base: GeneratorConfig
-    prompts: list[str]
-    ids: list[int]
-
-
-def lever_run(argv: list[str] | None, description: str) -> LeverRun:
-    """Parse `--device --reps --out-dir` and prepare the default settings of this device."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    diffusers.utils.logging.set_verbosity_error()
-    s = SETTINGS[args.device]
-    base = GeneratorConfig(model=s["model"], resolution=s["resolution"], dtype=s["dtype"],
-                           steps=s["steps"])
-    source = CaptionSource.open(CaptionsConfig())
-    n = s["captions_per_call"]
-    return LeverRun(args, torch.device(args.device), s, base,
-                    [source.get(i) for i in range(n)], list(range(n)))
+    # Row name.
+    name: str
+    # "stock" (diffusers' pipeline), "lever" (one change from the paper's eager settings) or
+    # "recipe" (a named recipe, its levers as config/recipes.py sets them).
+    kind: str
+    # generator.* keys on top of the paper's settings (lever) or of the recipe (recipe).
+    levers: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Recipe name for kind "recipe".
+    recipe: str = ""
+    # Measured only with --device cuda (e.g. compile modes whose warm-up is long on a CPU).
+    cuda_only: bool = False
 
 
-def measure_point(ours: Components, stock: Components, captions: list[str], scheduler: str,
-                  n: int, steps: int, s: dict) -> dict:
-    """Images/s of both sides at one setting, alternating runs."""
-    k, device = s["images_per_caption"], ours.device
-    cls = SCHEDULERS[scheduler]
-    sampler = Sampler(dataclasses.replace(ours, scheduler_cls=cls), steps=steps,
-                      vae_decode_chunk=8)
-    pipe = stock_pipeline(dataclasses.replace(stock, scheduler_cls=cls))
-    prompts, ids = captions[:n], list(range(n))
-
-    def run_ours() -> None:
-        sampler.generate(prompts, [(0, i) for i in ids], [GUIDANCE] * n, k=k, seed=0, output_size=s["output_size"])
-
-    def run_stock() -> None:
-        pipe(prompts, num_images_per_prompt=k, num_inference_steps=steps, guidance_scale=GUIDANCE,
-             height=stock.resolution, width=stock.resolution, output_type="pt")
-
-    times: dict[str, list[float]] = {"ours": [], "stock": []}
-    for rep in range(s["warmup"] + s["reps"]):
-        for name, fn in (("ours", run_ours), ("stock", run_stock)):
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            if rep >= s["warmup"]:
-                times[name].append(time.perf_counter() - t0)
-    row = {"scheduler": scheduler, "captions_per_call": n, "images_per_caption": k,
-           "steps": steps}
-    for name, ts in times.items():
-        rates = [n * k / t for t in ts]
-        row[f"{name}_images_per_s"] = statistics.median(rates)
-        row[f"{name}_spread"] = max(rates) - min(rates)
-    row["speedup"] = row["ours_images_per_s"] / row["stock_images_per_s"]
-    return row
+SCENARIOS: list[Scenario] = [
+    Scenario("stock", "stock"),
+    Scenario("ours", "lever"),
+    Scenario("paper", "recipe", recipe="paper"),
+    Scenario("fast", "recipe", recipe="fast"),
+    Scenario("turbo", "recipe", recipe="turbo"),
+    Scenario("fuse_qkv", "lever", {"fuse_qkv": True}),
+    Scenario("tiny_vae", "lever", {"tiny_vae": "random"}),
+    Scenario("guidance_first_half", "lever", {"guidance_interval": [0.0, 0.5]}),
+    Scenario("deep_cache_2", "lever", {"deep_cache_every": 2}),
+    Scenario("deep_cache_3", "lever", {"deep_cache_every": 3}),
+    Scenario("compile", "lever", {"compile": True}),
+    Scenario("compile_reduce_overhead", "lever",
+             {"compile": True, "compile_mode": "reduce-overhead"}, cuda_only=True),
+    Scenario("compile_max_autotune", "lever", {"compile": True, "compile_mode": "max-autotune"},
+             cuda_only=True),
+    # Measured 0.89x of contiguous on an H100 (generator-levers-nvidia-h100-80gb-hbm3.json).
+    Scenario("channels_last", "lever", {"channels_last": True}, cuda_only=True),
+    Scenario("paper_eager", "recipe", {"compile": False}, recipe="paper"),
+    Scenario("fast_eager", "recipe", {"compile": False}, recipe="fast"),
+]
+# What --device cuda runs unless --scenarios says otherwise: every recipe and the levers whose
+# compile warm-ups fit the ~5 minutes a GPU session gives this script.
+CUDA_DEFAULT = ["stock", "ours", "paper", "fast", "turbo", "fuse_qkv", "tiny_vae",
+                "guidance_first_half", "deep_cache_2", "deep_cache_3", "fast_eager"]
 
 
-def unet_flops_per_image_step(c: Components, n: int, k: int) -> float:
-    """FLOPs of one guided UNet call (2nk rows), per image."""
-    side = c.resolution // c.vae_scale_factor
-    rows = 2 * n * k
-    x = torch.randn(rows, c.unet.config.in_channels, side, side, device=c.device, dtype=c.dtype)
-    context = torch.randn(rows, 77, c.unet.config.cross_attention_dim, device=c.device,
-                          dtype=c.dtype)
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        c.unet(x, 500, encoder_hidden_states=context)
-    return counter.get_total_flops() / (n * k)
+def scenario_config(s: Scenario, base: GeneratorConfig, artefacts: dict[str, str]) -> GeneratorConfig:
+    """The generator config of scenario `s`: recipe levers (with the adapter and tiny VAE made
+    for this model in place of the hub ids) or one lever on the paper's eager settings."""
+    levers = dict(recipe_levers(s.recipe)) if s.kind == "recipe" else {}
+    if levers.get("lora"):
+        levers.update(lora=artefacts["lora"], lora_weight_name="")
+    if levers.get("tiny_vae"):
+        levers["tiny_vae"] = artefacts["tiny_vae"]
+    levers.update(s.levers)
+    if levers.get("tiny_vae") == "random":
+        levers["tiny_vae"] = artefacts["tiny_vae"]
+    return dataclasses.replace(base, recipe=s.recipe, **levers)
 
 
-def _plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def diversity(images_nkchw: torch.Tensor) -> float:
+    """Mean pairwise RMS distance between the k images of each caption, in [0, 1] units at
+    64 px (so resolution does not change the scale)."""
+    n, k = images_nkchw.shape[:2]
+    x = images_nkchw.flatten(0, 1).float() / 255
+    x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    x = x.reshape(n, k, -1)
+    distances = [(x[:, i] - x[:, j]).pow(2).mean(dim=1).sqrt()
+                 for i, j in itertools.combinations(range(k), 2)]
+    return float(torch.stack(distances).mean())
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (key, group) in zip(axes, (("captions_per_call", "batch"), ("steps", "steps"),
-                                       ("scheduler", "scheduler")), strict=True):
-        subset = [r for r in rows if r["sweep"] == group]
-        xs = [str(r[key]) for r in subset]
-        for side, marker in (("ours", "o"), ("stock", "s")):
-            ax.errorbar(xs, [r[f"{side}_images_per_s"] for r in subset],
-                        yerr=[r[f"{side}_spread"] / 2 for r in subset], marker=marker,
-                        capsize=3, label=side)
-        ax.set_xlabel(key)
-        ax.set_ylabel("images/s")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def cpu_matmul_flops() -> float:
+    """FLOP/s of a large fp32 matmul on this CPU with the current threads: the CPU's limit."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 1024**3 / (time.perf_counter() - start)
+
+
+def build_runner(s: Scenario, cfg: GeneratorConfig, device: torch.device, prompts: list[str],
+                 k: int, output_size: int) -> Callable[[], torch.Tensor]:
+    """A zero-argument call making one batch of n x k images: (n, k, 3, H, W) uint8."""
+    n = len(prompts)
+    components = pipeline.build_components(cfg, device)
+    if s.kind == "stock":
+        pipe = pipeline.stock_pipeline(components)
+
+        def stock() -> torch.Tensor:
+            images = pipe(prompts, num_images_per_prompt=k, num_inference_steps=cfg.steps,
+                          guidance_scale=GUIDANCE, height=components.resolution,
+                          width=components.resolution, output_type="pt").images
+            return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).view(
+                n, k, *images.shape[1:])
+        return stock
+    sampler = Sampler.from_config(components, cfg)
+    keys = [(0, i) for i in range(n)]
+    return lambda: sampler.generate(prompts, keys, [GUIDANCE] * n, k=k, seed=0,
+                                    output_size=output_size)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None,
+                        help="generator.model: architecture, checkpoint or e.g. toy "
+                             "(default: tiny on CPU, sd15 on CUDA)")
+    parser.add_argument("--scenarios", default=None,
+                        help=f"comma-separated subset of {', '.join(s.name for s in SCENARIOS)}")
+    parser.add_argument("--lora", default="", help="a real adapter instead of a random one")
+    parser.add_argument("--tiny-vae", default="", help="a real AutoencoderTiny instead")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0 = torch's default; 1 on shared machines)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     diffusers.utils.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    s = SETTINGS[args.device]
-    base = GeneratorConfig(model=s["model"], resolution=s["resolution"], dtype=s["dtype"],
-                           scheduler=DEFAULT_SCHEDULER, steps=s["steps"])
-    ours = build_components(base, device)
-    # The stock side gets diffusers' defaults (contiguous weights, SDPA); same seed, same weights.
-    stock = build_components(dataclasses.replace(base, channels_last=False), device)
-    source = CaptionSource.open(CaptionsConfig())
-    captions = [source.get(i) for i in range(max(s["batch_sweep"]))]
+    device = resolve_device(args.device, args.threads)
+    # Every scenario starts from the same seeded random weights: initialise them once (a
+    # full-size UNet takes seconds) and hand each scenario its own copy.
+    random_parts = functools.cache(pipeline._build_random)
+    pipeline._build_random = lambda name: copy.deepcopy(random_parts(name))
+    d = DEFAULTS[args.device]
+    model = args.model or d["model"]
+    warmup = d["warmup"] if args.warmup is None else args.warmup
+    reps = d["reps"] if args.reps is None else args.reps
+    by_name = {s.name: s for s in SCENARIOS}
+    if args.scenarios:
+        names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            parser.error(f"--scenarios: unknown {', '.join(unknown)}")
+    elif device.type == "cuda":
+        names = CUDA_DEFAULT
+    else:
+        names = [s.name for s in SCENARIOS if not s.cuda_only]
+    scenarios = [by_name[name] for name in names]
+    if "stock" not in names:
+        parser.error("--scenarios must include stock (every ratio is to it)")
 
-    n, steps = s["captions_per_call"], s["steps"]
-    plan = [("batch", DEFAULT_SCHEDULER, b, steps) for b in s["batch_sweep"]]
-    plan += [("steps", DEFAULT_SCHEDULER, n, st) for st in s["steps_sweep"] if st != steps]
-    plan += [("scheduler", name, n, s["scheduler_steps"]) for name in s["schedulers"]]
-    rows = []
-    for sweep, scheduler, batch, point_steps in tqdm(plan, desc="generator benchmark"):
-        row = measure_point(ours, stock, captions, scheduler, batch, point_steps, s)
-        rows.append({"sweep": sweep, **row})
-        tqdm.write(f"{sweep:9s} {scheduler:5s} n={batch} steps={point_steps}: ours "
-                   f"{row['ours_images_per_s']:.3f} stock {row['stock_images_per_s']:.3f} "
-                   f"images/s (x{row['speedup']:.3f})")
-    default = next(r for r in rows if r["sweep"] == "batch" and r["captions_per_call"] == n)
-
-    flops = unet_flops_per_image_step(ours, n, s["images_per_caption"])
-    unet_tflops = flops * steps * default["ours_images_per_s"] / 1e12
-    name = machine_name(device)
-    peak = cuda_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    result = {
-        "machine": name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "settings": {**{k: v for k, v in s.items() if not k.endswith("sweep")},
-                     "scheduler": DEFAULT_SCHEDULER, "guidance": GUIDANCE,
-                     "resolution": ours.resolution},
-        "speedup_vs_stock": default["speedup"],
-        "ours_images_per_s": default["ours_images_per_s"],
-        "stock_images_per_s": default["stock_images_per_s"],
-        "unet_gflop_per_image_step_with_cfg": flops / 1e9,
-        "unet_tflops_per_s": unet_tflops,
-        "mfu": unet_tflops * 1e12 / peak if peak else None,
-        "sweep": rows,
+    # 1. The paper's eager settings, random-weight artefacts of this model, the prompts.
+    base = GeneratorConfig(model=model, resolution=d["resolution"], dtype=d["dtype"],
+                           scheduler="dpm++", steps=20, guidance=str(GUIDANCE),
+                           vae_decode_chunk=8)
+    workdir = Path(tempfile.mkdtemp(prefix="generator_bench_"))
+    plain = pipeline.build_components(base, device)
+    scale_log2 = plain.vae_scale_factor.bit_length() - 1
+    artefacts = {
+        "lora": args.lora or str(save_random_lora(plain.unet, workdir / "lora", rank=8)),
+        "tiny_vae": args.tiny_vae or str(save_random_tiny_vae(workdir / "taesd", scale_log2)),
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"generator-{name}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    _plot(rows, Path(f"{stem}.png"), f"{s['model']} on {result['device']}: images/s, ours vs stock")
-    print(f"{name}: ours {default['ours_images_per_s']:.2f} images/s, stock "
-          f"{default['stock_images_per_s']:.2f} images/s, speedup_vs_stock "
-          f"{default['speedup']:.3f}; UNet {unet_tflops:.3g} TFLOP/s"
-          + (f", MFU {result['mfu']:.1%}" if peak else "") + f" -> {stem}.json")
+    del plain
+    source = CaptionSource.open(CaptionsConfig())
+    n, k = d["captions"], d["images"]
+    prompts = [source.get(i) for i in range(n)]
+    counted = count_diffusion_flops(model, d["resolution"]) if model in ARCHITECTURES else None
+    if device.type == "cuda":
+        limit = cuda_peak_flops(torch.cuda.get_device_name(device))
+        limit_source = "bf16 peak of the device (planning/flops.py)"
+    else:
+        limit, limit_source = cpu_matmul_flops(), "measured fp32 1024x1024 matmul on this CPU"
+
+    settings = {"model": model, "resolution": d["resolution"], "dtype": d["dtype"],
+                "captions_per_call": n, "images_per_caption": k, "output_size": d["output_size"],
+                "guidance": GUIDANCE, "steps": base.steps, "scheduler": base.scheduler,
+                "warmup_rounds": warmup, "rounds": reps, "flop_limit": limit,
+                "flop_limit_source": limit_source, "diffusers": diffusers.__version__,
+                "artefacts": "given" if (args.lora or args.tiny_vae) else "random weights"}
+
+    # 2. Build every scenario; its first call is its warm-up (compile happens there).
+    rows: dict[str, dict[str, Any]] = {}
+    solo: dict[str, list[float]] = {}
+    runners: dict[str, Callable[[], torch.Tensor]] = {}
+    for s in scenarios:
+        cfg = scenario_config(s, base, artefacts)
+        t0 = time.perf_counter()
+        runners[s.name] = build_runner(s, cfg, device, prompts, k, d["output_size"])
+        built = time.perf_counter() - t0
+        synchronize(device)
+        t0 = time.perf_counter()
+        images = runners[s.name]()
+        synchronize(device)
+        first_call = time.perf_counter() - t0
+        # One timed call straight away: a provisional rate written now, so a run stopped
+        # during later warm-ups (compiles) still leaves every scenario measured so far.
+        t1 = time.perf_counter()
+        runners[s.name]()
+        synchronize(device)
+        solo[s.name] = [time.perf_counter() - t1]
+        flops = None
+        if counted is not None:
+            flops = flops_per_generated_image(
+                counted, cfg.steps, [GUIDANCE], k, tuple(cfg.guidance_interval),
+                cfg.base_steps, cfg.deep_cache_every, bool(cfg.tiny_vae))
+        rows[s.name] = {
+            "scenario": s.name, "kind": s.kind, "recipe": s.recipe,
+            "levers": ", ".join(f"{key}={value}" for key, value in sorted(s.levers.items())),
+            "scheduler": cfg.scheduler, "steps": cfg.steps,
+            "guided_steps": sum(kind.guided for kind in plan_steps(
+                cfg.steps, tuple(cfg.guidance_interval), cfg.base_steps)),
+            "base_steps": cfg.base_steps, "lora": bool(cfg.lora), "tiny_vae": bool(cfg.tiny_vae),
+            "deep_cache_every": cfg.deep_cache_every, "fuse_qkv": cfg.fuse_qkv,
+            "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else "",
+            "build_s": built, "first_call_s": first_call,
+            "flops_per_image": flops, "diversity": diversity(images.cpu()),
+        }
+        print(f"built {s.name}: {built:.1f} s, first call {rows[s.name]['first_call_s']:.1f} s",
+              flush=True)
+        if "stock" in rows:
+            _write(rows, solo, n * k, limit, settings, device, args.out)
+
+    # 3. Timed rounds, every scenario once per round; results written after each round.
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for index in range(warmup + reps):
+        for name, run in runners.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            run()
+            synchronize(device)
+            if index >= warmup:
+                seconds[name].append(time.perf_counter() - t0)
+        if index >= warmup:
+            paths = _write(rows, seconds, n * k, limit, settings, device, args.out)
+            print(f"round {index - warmup + 1}/{reps} -> {paths['json']}", flush=True)
+    for row in rows.values():
+        print(f"{row['scenario']:24s} {row['images_per_s']:9.3f} images/s  "
+              f"x{row['speedup_vs_stock']:.2f} stock"
+              + (f"  {row['fraction_of_flop_limit']:.1%} of the FLOP limit"
+                 if row["fraction_of_flop_limit"] is not None else "")
+              + f"  diversity {row['diversity']:.4f}")
     return 0
+
+
+def _write(rows: dict[str, dict[str, Any]], seconds: dict[str, list[float]], images: int,
+           limit: float | None, settings: dict[str, Any], device: torch.device,
+           out: Path) -> dict[str, Path]:
+    for name, row in rows.items():
+        row.update(Timing(seconds[name]).rates(images, "images_per_s"))
+        row["repetitions"] = len(seconds[name])
+        flops = row["flops_per_image"]
+        row["fraction_of_flop_limit"] = (row["images_per_s"] * flops / limit
+                                         if flops and limit else None)
+    stock = rows["stock"]["images_per_s"]
+    paper = rows["paper"]["images_per_s"] if "paper" in rows else None
+    for row in rows.values():
+        row["speedup_vs_stock"] = row["images_per_s"] / stock
+        row["speedup_vs_paper"] = row["images_per_s"] / paper if paper else None
+    recipes = {row["recipe"]: {key: row[key] for key in (
+        "images_per_s", "speedup_vs_stock", "speedup_vs_paper", "fraction_of_flop_limit",
+        "flops_per_image", "diversity", "steps")}
+        for row in rows.values() if row["kind"] == "recipe" and row["compile"]
+        and row["recipe"] in RECIPES}
+    summary = {"stock_images_per_s": stock, "recipes": recipes,
+               "levers": {row["scenario"]: row["speedup_vs_stock"] for row in rows.values()
+                          if row["kind"] == "lever"}}
+    paths = write_results("generator", device, settings, summary, list(rows.values()), out)
+    plot_bars(out / f"generator-{machine_name(device)}.png",
+              f"{settings['model']} on {device.type}: images/s per scenario (same run)",
+              "images/s", [row["scenario"] for row in rows.values()],
+              {"images/s": [row["images_per_s"] for row in rows.values()]},
+              {"images/s": [(row["images_per_s_p25"], row["images_per_s_p75"])
+                            for row in rows.values()]})
+    return paths
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared GPU session (see docs/performance.md): run from the repository root on a
-# machine with one CUDA GPU. Wheels for packages the machine lacks may be carried in .whl/.
+# machine with one CUDA GPU; about 8 minutes in all (GEN_S, TRAIN_S, HYBRID_S set the limits).
+# Wheels for packages the machine lacks may be carried in .whl/ (diffusers, peft, accelerate,
+# omegaconf, antlr4-python3-runtime, open_clip_torch, ftfy, wcwidth, deepspeed and its hjson,
+# pydantic, pydantic-core, annotated-types, typing-inspection; see ../shared/GPU.md).
 # Results go to benchmarks/results/ and, when $OUT is set, are copied there.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,15 +22,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, go on what
   echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
-python3 -c "import torch, diffusers, deepspeed, timm; print(torch.__version__, diffusers.__version__, deepspeed.__version__, timm.__version__)" 2>&1 | tail -1 | tee -a "$log"
-step gpu-tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_augment.py tests/test_model.py
-step generator "${GEN_S:-200}" python3 benchmarks/generator.py --device cuda
-step trainer "${TRAIN_S:-100}" python3 benchmarks/trainer.py --device cuda
+python3 -c "import torch, diffusers, deepspeed, timm, peft; print(torch.__version__, diffusers.__version__, deepspeed.__version__, timm.__version__, peft.__version__)" 2>&1 | tail -1 | tee -a "$log"
+# Most valuable first. Every recipe (paper, fast, turbo, compiled with CUDA graphs) and each
+# lever beside the stock pipeline, SD1.5 architecture at 512 px, bf16, random-weight LoRA and
+# TAESD of the right shapes; rows are written after each scenario's warm-up and each round, so
+# a timeout still leaves what was measured. About 5 minutes (compile warm-ups included).
+step generator "${GEN_S:-330}" python3 benchmarks/generator.py --device cuda
+step trainer "${TRAIN_S:-90}" python3 benchmarks/trainer.py --device cuda
 # The hybrid job on one GPU: rank 0 trains, rank 1 generates (both on cuda:0, NCCL trainer
 # group of one, images over gloo).
-step hybrid-job "${HYBRID_S:-100}" python3 -m torch.distributed.run --nproc_per_node 2 \
+step hybrid-job "${HYBRID_S:-60}" python3 -m torch.distributed.run --nproc_per_node 2 \
   -m online_stablerep.cli train --config cpu_demo output_dir=/tmp/hybrid_gpu \
   roles.generators=1 train.steps=30 train.log_every=5 generator.dtype=bf16 train.precision=bf16
+step gpu-tests 40 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_augment.py tests/test_model.py
 if [[ "$out" != benchmarks/results ]]; then
   cp benchmarks/results/*-nvidia-* "$out"/ 2>/dev/null
 fi

@@ -47,7 +47,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"config": "cpu_demo", "backbones": "resnet10t,vit_tiny_patch16_224",
             "image_size": 64, "input_size": 64, "captions": 16, "views": 2,
             "warmup": 3, "reps": 20},
-    "cuda": {"config": "sd15_vitb16", "backbones": "vit_small_patch16_224,vit_base_patch16_224",
+    "cuda": {"config": "sd15_vitb16",
+             "backbones": "vit_small_patch16_224,vit_base_patch16_224,vit_base_patch16_224+compile",
              "image_size": 224, "input_size": 256, "captions": 43, "views": 6,
              "warmup": 10, "reps": 30},
 }
@@ -130,7 +131,9 @@ def plain_loop(cfg: Config, batch: TrainBatch, device: torch.device) -> Callable
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=peak_lr(cfg, 1),
-                                  betas=(o.beta1, o.beta2))
+                                  betas=(o.beta1, o.beta2), fused=o.fused)
+    if cfg.train.compile:
+        model.compile()
     bf16 = use_bf16(cfg, device)
     k = batch.views_per_caption
 
@@ -166,9 +169,12 @@ def time_both(cfg: Config, batch: TrainBatch, device: torch.device, warmup: int,
 
 
 def benchmark_config(args: argparse.Namespace, backbone: str, out_dir: str) -> Config:
+    """`backbone` is a timm name, with "+compile" for the torch.compile'd model."""
+    name, _, flag = backbone.partition("+")
     overrides = [
         f"output_dir={out_dir}",
-        f"model.backbone={backbone}",
+        f"model.backbone={name}",
+        f"train.compile={flag == 'compile'}",
         f"model.image_size={args.image_size}",
         f"batch.captions_per_batch={args.captions}",
         f"batch.views_per_caption={args.views}",
@@ -188,7 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, warmup=-1, reps=-1)
     parser.add_argument("--config", default=None, help="preset the model/optim settings come from")
-    parser.add_argument("--backbones", default=None, help="comma-separated timm model names")
+    parser.add_argument("--backbones", default=None,
+                        help="comma-separated timm model names; NAME+compile: torch.compile'd")
     parser.add_argument("--image-size", type=int, default=None, help="side of the trained views")
     parser.add_argument("--input-size", type=int, default=None, help="side of the stored images")
     parser.add_argument("--captions", type=int, default=None, help="n: caption groups per batch")

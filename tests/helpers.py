@@ -23,7 +23,7 @@ TINY_PROCEDURAL = [
     "procedural.num_categories=20",
     "procedural.render_size=32",
     "procedural.num_points=800",
-    "replay.capacity=32",
+    "replay.capacity=48",  # above the auto min_pool of 32, so topping up never evicts
     "train.log_every=1",
     "train.image_grid_every=2",
     "train.cpu_threads=1",
@@ -54,3 +54,9 @@ def tensorboard_tags(log_dir: Path) -> set[str]:
     acc.Reload()
     tags = acc.Tags()
     return set(tags["scalars"]) | set(tags["images"])
+
+
+def batch_overlap(batches: list[list[int]]) -> float:
+    """Mean fraction of a batch's caption ids that were in the previous batch (from an audit)."""
+    pairs = list(zip(batches[:-1], batches[1:], strict=True))
+    return sum(len(set(a) & set(b)) / len(b) for a, b in pairs) / len(pairs)

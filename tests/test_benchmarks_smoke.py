@@ -58,3 +58,29 @@ def test_trainer_benchmark_runs_both_loops(tmp_path):
                                   / engines["plain"]["images_per_s"])
     assert next(tmp_path.glob("trainer-*.png")).stat().st_size > 0
     assert "deepspeed / plain" in result.stdout
+
+
+@pytest.mark.slow
+def test_generator_benchmark_writes_recipe_and_lever_rows(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "generator.py"), "--scenarios",
+         "stock,ours,fast_eager,deep_cache_2", "--warmup", "0", "--reps", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    document = json.loads(next(tmp_path.glob("generator-*.json")).read_text())
+    rows = {row["scenario"]: row for row in document["rows"]}
+    assert set(rows) == {"stock", "ours", "fast_eager", "deep_cache_2"}
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and 0 < row["fraction_of_flop_limit"] < 1
+        assert row["repetitions"] == 1 and row["diversity"] >= 0
+    assert rows["stock"]["speedup_vs_stock"] == 1.0
+    fast = rows["fast_eager"]
+    assert (fast["recipe"], fast["steps"], fast["guided_steps"], fast["base_steps"]) == (
+        "fast", 4, 1, 1)
+    assert fast["flops_per_image"] < rows["ours"]["flops_per_image"] / 5
+    assert document["summary"]["levers"].keys() == {"ours", "deep_cache_2"}
+    assert next(tmp_path.glob("generator-*.png")).stat().st_size > 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_PROCEDURAL, read_summary, tensorboard_tags
+from tests.helpers import TINY_PROCEDURAL, batch_overlap, read_summary, tensorboard_tags
 from tests.jobs import read_logs, start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
@@ -47,6 +47,10 @@ def check_accounting(out: Path, trainers: int, generators: int) -> None:
         # every group a trainer received was trained on or is still held unused
         assert counters["groups_added"] == len(uses) + a["held_unused"]
         received_total += counters["groups_added"]
+        # random draws from a pool of 16: about n / P * (1 - 1 / R) = 1/4 repeated
+        expected = N / 16 * (1 - 1 / R)
+        assert abs(batch_overlap(a["batches"]) - expected) < 0.15, a["batches"]
+        assert a["batch_overlap"] == pytest.approx(batch_overlap(a["batches"]))
     # only groups in flight at the stop can be lost: bounded by the credit granted
     assert 0 <= len(sent) - received_total <= 4 * trainers * generators
 

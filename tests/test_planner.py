@@ -156,3 +156,74 @@ def test_vit_b16_view_costs_three_forwards():
     # timm's often-quoted 17.6 "GFLOPs" for ViT-B/16 are multiply-adds: 35 GFLOP forward.
     cfg = load_config("sd15_vitb16", ["batch.captions_per_batch=2", "batch.views_per_caption=2"])
     assert 100e9 < train_flops_per_view(cfg) < 110e9
+
+
+def test_reuse_evidence_names_the_largest_reuse_within_tolerance(tmp_path):
+    import json
+
+    from online_stablerep.planning.reuse_evidence import load_reuse_evidence
+
+    assert load_reuse_evidence(tmp_path) is None
+    rows = [{"max_reuse": r, "draw": draw, "k": 4, "linear_top1": top1}
+            for r, top1 in [(1, 0.60), (1, 0.62), (3, 0.60), (9, 0.595), (27, 0.50)]
+            for draw in ("random", "sequential")]
+    rows.append({"max_reuse": 27, "draw": "random", "k": 2, "linear_top1": 0.9})  # other k
+    (tmp_path / "reuse-cpu-2core.json").write_text(
+        json.dumps({"settings": {"steps": 300}, "rows": rows}))
+    evidence = load_reuse_evidence(tmp_path)
+    assert evidence.top1_by_reuse[1] == pytest.approx(0.61)
+    assert evidence.supported_reuse == 9  # 0.595 >= 0.61 - 0.02; R=27 falls 11 points
+    assert "R=27 0.500" in evidence.note() and "reuse up to 9" in evidence.note()
+
+
+def test_flop_model_counts_each_recipe_lever():
+    counted = count_diffusion_flops("sd15", 512)
+    paper = flops_per_generated_image(counted, 20, [2.0], 10)
+    assert flops_per_generated_image(counted, 20, [2.0], 10, guidance_interval=(0.0, 1.0)) == paper
+    # Guidance on the first half: ten steps lose their unconditional pass.
+    half = flops_per_generated_image(counted, 20, [2.0], 10, guidance_interval=(0.0, 0.5))
+    assert paper - half == pytest.approx(10 * counted.unet_forward, rel=1e-3)
+    tiny_vae = flops_per_generated_image(counted, 20, [2.0], 10, tiny_vae=True)
+    assert paper - tiny_vae == pytest.approx(counted.vae_decode - counted.tiny_vae_decode)
+    assert counted.tiny_vae_decode < 0.1 * counted.vae_decode
+    cached = flops_per_generated_image(counted, 20, [2.0], 10, deep_cache_every=2)
+    assert paper - cached == pytest.approx(
+        10 * 2 * (counted.unet_forward - counted.unet_cached_forward), rel=1e-3)
+    # fast: one guided base step + three plain distilled steps + TAESD.
+    fast = flops_per_generated_image(counted, 4, [2.0], 10, (0.0, 0.25), base_steps=1,
+                                     tiny_vae=True)
+    assert fast == pytest.approx(5 * counted.unet_forward + counted.tiny_vae_decode
+                                 + 2 * counted.text_encode / 10)
+    assert paper / fast > 8
+
+
+def test_cli_plans_with_a_recipe(capsys):
+    code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "--gpus", "8", "--recipe", "fast")
+    assert code == 0 and "recipe fast, 4 steps, guidance 2.0 on 1, tiny VAE" in out
+    assert "trainers can be kept busy within the reuse budget" in out
+    best_hours = float(out.split("\n*")[1].splitlines()[0].split()[-1])
+    assert best_hours <= 100
+    assert "generator.recipe=fast" in out.split("launch:")[1]
+    code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "--gpus", "8")
+    assert "recipe paper" in out and "INFEASIBLE" in out
+
+
+def test_cli_reads_recipe_rows_of_generator_results(capsys, tmp_path):
+    generator = tmp_path / "generator-x.json"
+    generator.write_text(json.dumps({
+        "benchmark": "generator", "machine": "gpu-x", "settings": {"model": "sd15"},
+        "rows": [{"scenario": "ours", "kind": "lever", "recipe": "", "compile": False,
+                  "steps": 20, "images_per_s": 7.0},
+                 {"scenario": "fast_eager", "kind": "recipe", "recipe": "fast", "compile": False,
+                  "steps": 4, "images_per_s": 30.0},
+                 {"scenario": "fast", "kind": "recipe", "recipe": "fast", "compile": True,
+                  "steps": 4, "images_per_s": 60.0}]}))
+    code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "generator.model=sd15",
+                            "--recipe", "fast", "--from-results", str(generator))
+    assert code == 0 and "generator: 60 images/s per GPU  [measured" in out
+    code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "generator.model=sd15",
+                            "--recipe", "", "--from-results", str(generator))
+    assert code == 0 and "generator: 7 images/s per GPU" in out
+    code, _, err = run_plan(capsys, "--config", "sd15_vitb16", "generator.model=sd15",
+                            "--recipe", "turbo", "--from-results", str(generator))
+    assert code == 2 and "no row for generator.recipe='turbo'" in err

@@ -4,6 +4,7 @@ view-major batches, mixing figures."""
 import threading
 import time
 
+import pytest
 import torch
 
 from online_stablerep.records import CaptionGroup
@@ -82,6 +83,24 @@ def test_random_draws_overlap_like_n_over_pool_and_spread_uses():
     assert abs(stats["batch_overlap"] - n / pool * (1 - 1 / reuse)) < 0.03
     assert abs(stats["use_spread_steps"] - (reuse - 1) * pool / n) < 3
     assert stats["mean_reuse"] > reuse - 0.5
+
+
+def test_sequential_draw_takes_unused_then_least_used_oldest_first():
+    # The old rule, kept for the reuse experiment: with the producer topping the pool up to n,
+    # batches repeat most of the previous one.
+    n, reuse = 4, 3
+    buf = ReplayBuffer(capacity=16, max_reuse=reuse, draw="sequential")
+    buf.add([make_group(c) for c in range(6)])
+    first = buf.sample(n, 2)
+    assert first.caption_ids[:n].tolist() == [0, 1, 2, 3]
+    second = buf.sample(n, 2)
+    assert second.caption_ids[:n].tolist() == [4, 5, 0, 1]
+    assert buf.stats()["batch_overlap"] == 0.5
+
+
+def test_unknown_draw_is_refused():
+    with pytest.raises(ValueError, match="replay.draw"):
+        ReplayBuffer(capacity=4, max_reuse=2, draw="shuffled")
 
 
 def test_full_pool_with_n_groups_repeats_the_whole_batch():

@@ -47,3 +47,15 @@ def test_per_node_count_scales_with_nodes():
 def test_invalid_layouts_fail_naming_the_key(spec, world, local, message):
     with pytest.raises(ConfigError, match=message):
         Roles.from_spec(spec, world_size=world, local_world_size=local)
+
+
+def test_local_world_size_reads_the_deepspeed_launchers_local_size(monkeypatch):
+    from online_stablerep.distributed.env import local_world_size
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    assert local_world_size(4) == 4
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # what `deepspeed` sets on each node
+    assert local_world_size(4) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun
+    assert local_world_size(4) == 3

@@ -1,10 +1,11 @@
 """The colocated training job end to end in one process: outputs, checkpoints, exact resume."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_PROCEDURAL, read_summary, run_cli, tensorboard_tags
+from tests.helpers import TINY_PROCEDURAL, batch_overlap, read_summary, run_cli, tensorboard_tags
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,20 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, zero_sta
     resumed = train(part, *common, "resume=true")
     assert "resumed from" in resumed.stdout
     assert read_summary(part)["losses"] == read_summary(full)["losses"]
+
+
+def test_colocated_batches_are_random_draws_from_the_pool(tmp_path):
+    # The producer keeps the pool at min_pool (32) or up to one call (8 groups) above it, so
+    # consecutive batches share about n / P * (1 - 1 / R) = 8 / 36 * 3 / 4 ~ 1/6 of captions
+    # (the old sequential draws repeated most of the batch).
+    train(tmp_path, "train.steps=30", "replay.max_reuse=4", "replay.capacity=64", "train.audit=true",
+          "procedural.num_categories=200")  # caption ids must not repeat within the pool
+    audit = json.loads((tmp_path / "audit" / "trainer_rank0.json").read_text())
+    assert audit["min_pool"] == 32
+    overlap = batch_overlap(audit["batches"])
+    assert 0.05 < overlap < 0.3, audit["batches"]
+    assert audit["batch_overlap"] == pytest.approx(overlap)
+    assert audit["use_spread_steps"] >= 6  # a group's 4 uses are spread out, not back to back
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 from online_stablerep.commands.common import add_config_arguments, load_or_report
+from online_stablerep.config.recipes import RECIPES
 from online_stablerep.config.schema import Config
 from online_stablerep.planning import flops
 from online_stablerep.planning.planner import Plan, format_plan, plan_split
+from online_stablerep.planning.reuse_evidence import load_reuse_evidence
+from online_stablerep.producers.sampling import plan_steps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="views the hours column counts (default: the paper's 1x schedule)")
     parser.add_argument("--gpu-type", default="h100", choices=sorted(flops.PEAK_BF16_TFLOPS),
                         help="GPU whose bf16 peak the FLOP estimates use")
+    parser.add_argument("--recipe", default=None, choices=["", *RECIPES],
+                        help="generator recipe to plan with (same as generator.recipe=NAME; "
+                             "default: the config's)")
 
 
 def _read_results(path: str) -> dict:
@@ -68,19 +74,37 @@ def _trainer_rate(data: dict, path: str, cfg: Config) -> float:
 
 
 def _generator_rate(data: dict, path: str, cfg: Config) -> float:
-    """The producer's images/s at the default settings of benchmarks/generator.py, which must
-    have measured the config's generator model and step count."""
+    """Images/s of the config's recipe (the compiled recipe row of benchmarks/generator.py;
+    the `ours` row when the config has no recipe), measured on the config's model and steps.
+    Files of the earlier layout (`ours_images_per_s`, no recipes) count as recipe ""."""
     settings = _field(data, "settings", path)
+    g = cfg.generator
     # A released checkpoint runs at the speed of its architecture's random-weight twin.
-    wanted = {"model": flops.KNOWN_CHECKPOINTS.get(cfg.generator.model, cfg.generator.model),
-              "steps": cfg.generator.steps}
-    for key, value in wanted.items():
-        if key in settings and settings[key] != value:
-            raise ValueError(
-                f"--from-results {path}: measured {key}={settings[key]!r}, the config has "
-                f"generator.{key}={getattr(cfg.generator, key)!r}"
-            )
-    return float(_field(data, "ours_images_per_s", path))
+    model = flops.KNOWN_CHECKPOINTS.get(g.model, g.model)
+    if "model" in settings and settings["model"] != model:
+        raise ValueError(f"--from-results {path}: measured model={settings['model']!r}, the "
+                         f"config has generator.model={g.model!r}")
+    if "rows" not in data:
+        if g.recipe:
+            raise ValueError(f"--from-results {path}: measured without a recipe, the config has "
+                             f"generator.recipe={g.recipe!r} (generator.recipe='' plans "
+                             "without one)")
+        row = {"steps": settings.get("steps", g.steps),
+               "images_per_s": _field(data, "ours_images_per_s", path)}
+    else:
+        wanted = (lambda r: r.get("scenario") == "ours") if not g.recipe else (
+            lambda r: r.get("kind") == "recipe" and r.get("recipe") == g.recipe
+            and r.get("compile"))
+        found = [r for r in data["rows"] if wanted(r)]
+        if not found:
+            measured = sorted({r.get("recipe") for r in data["rows"] if r.get("kind") == "recipe"})
+            raise ValueError(f"--from-results {path}: no row for generator.recipe={g.recipe!r} "
+                             f"(measured recipes: {', '.join(measured) or 'none'})")
+        row = found[0]
+    if row["steps"] != g.steps:
+        raise ValueError(f"--from-results {path}: measured steps={row['steps']!r}, the config "
+                         f"has generator.steps={g.steps!r}")
+    return float(row["images_per_s"])
 
 
 def resolve_rates(args: argparse.Namespace, cfg: Config) -> tuple[float, str, float, str]:
@@ -111,8 +135,12 @@ def resolve_rates(args: argparse.Namespace, cfg: Config) -> tuple[float, str, fl
                              "--gen-images-per-s")
         per_image = flops.generator_flops_per_image(cfg)
         gen = flops.estimated_rate(per_image, gpu, flops.GENERATION_UTILISATION)
-        gen_source = (f"ESTIMATED: {flops.flop_text(per_image)}/image ({cfg.generator.model}, "
-                      f"{cfg.generator.steps} steps, guidance {cfg.generator.guidance}) at "
+        g = cfg.generator
+        guided = sum(kind.guided for kind in plan_steps(g.steps, tuple(g.guidance_interval),
+                                                         g.base_steps))
+        gen_source = (f"ESTIMATED: {flops.flop_text(per_image)}/image ({g.model}, recipe "
+                      f"{g.recipe or 'none'}, {g.steps} steps, guidance {g.guidance} on "
+                      f"{guided}{', tiny VAE' if g.tiny_vae else ''}) at "
                       f"{flops.GENERATION_UTILISATION:.0%} of {gpu} {peak:g} TFLOP/s")
     if train is None:
         per_view = flops.train_flops_per_view(cfg)
@@ -143,10 +171,17 @@ def make_plan(args: argparse.Namespace, cfg: Config) -> Plan:
     if args.reuse_budget is None:
         plan.notes.append(f"reuse budget: the config's replay.max_reuse={budget} "
                           "(--reuse-budget sets another)")
+    evidence = load_reuse_evidence()
+    plan.notes.append(evidence.note() if evidence else
+                      "reuse cost not measured here: run benchmarks/reuse.py")
     return plan
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recipe is not None:
+        # An empty value must be quoted: a bare `key=` reads as null.
+        recipe = args.recipe or "''"
+        args.overrides = [*args.overrides, f"generator.recipe={recipe}"]
     cfg = load_or_report(args)
     if cfg is None:
         return 2

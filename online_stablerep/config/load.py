@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from online_stablerep.config.recipes import recipe_levers
 from online_stablerep.config.schema import Config
 from online_stablerep.config.validate import ConfigError, validate
 
@@ -46,17 +47,22 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         ConfigError: naming the key or file that is wrong, before anything is built.
     """
     base = OmegaConf.structured(Config)
-    layers = []
     try:
-        if name_or_path:
-            text, source = _preset_text(name_or_path)
-            layers.append(OmegaConf.create(text))
+        preset = OmegaConf.create(_preset_text(name_or_path)[0] if name_or_path else "{}")
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(base, *layers)
+        command_line = OmegaConf.from_dotlist(list(overrides or []))
+        merged = OmegaConf.merge(base, preset, command_line)
+        # A recipe's levers sit between the preset and the command line: they replace the
+        # preset's generator keys, and explicit overrides replace them.
+        try:
+            levers = recipe_levers(merged.generator.recipe)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if levers:
+            merged = OmegaConf.merge(base, preset, OmegaConf.create({"generator": levers}),
+                                     command_line)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
         msg = str(err).splitlines()[0]

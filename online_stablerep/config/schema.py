@@ -107,6 +107,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     # Gradient clipping by global norm; 0 disables it.
     grad_clip: float = 0.0
+    # torch's fused AdamW kernel (one kernel for all parameters, CUDA and CPU; fp32 master
+    # weights either way); false: the multi-tensor foreach implementation.
+    fused: bool = True
 
 
 @dataclass
@@ -136,6 +139,9 @@ class TrainConfig:
     cpu_threads: int = 0
     # Write every batch's caption ids and each group's use count to output_dir/audit/ at the
     # end (for tests and debugging: grows with the run).
+    # torch.compile the model (backbone and the per-view-chunk BatchNorm head) before the
+    # DeepSpeed engine wraps it: a warm-up of tens of seconds, then faster steps on GPUs.
+    compile: bool = False
     audit: bool = False
 
 
@@ -167,11 +173,18 @@ class ProceduralConfig:
 
 @dataclass
 class GeneratorConfig:
+    # Named set of speed levers (config/recipes.py): "" (none: every key as given), "paper",
+    # "fast" or "turbo". Keys given explicitly (preset or override) win over the recipe's.
+    recipe: str = ""
     # Diffusers checkpoint (local dir or hub id) or a random-weight architecture:
     # "tiny", "sd15", "sd21", "sdxl".
     model: str = "sd15"
-    # Scheduler: "dpm++", "unipc", "euler", "ddim", "lcm".
+    # Scheduler: "dpm++", "unipc", "euler", "ddim", "lcm", "tcd".
     scheduler: str = "dpm++"
+    # Scheduler timestep spacing: "" (the checkpoint's), "leading", "trailing" or "linspace".
+    timestep_spacing: str = ""
+    # TCD scheduler stochasticity eta in [0, 1] (more = more fresh noise per step, more diverse).
+    tcd_eta: float = 0.3
     # Denoising steps.
     steps: int = 20
     # Guidance: "small" [2,3], "large" [8,10], "mixed", a list "2,3,4", or one value "2.0".
@@ -183,13 +196,39 @@ class GeneratorConfig:
     # Attention backend: "sdpa" or "xformers".
     attention: str = "sdpa"
     # Use channels_last memory format for UNet and VAE. Off by default: measured 0.89x of
-    # contiguous for SD1.5's UNet on an H100 in bf16 (benchmarks/generator_levers.py).
+    # contiguous for SD1.5's UNet on an H100 in bf16 (benchmarks/generator.py --scenarios
+    # stock,channels_last).
     channels_last: bool = False
     # torch.compile the UNet with fixed shapes (the last batch is padded).
     compile: bool = False
+    # torch.compile mode: "default", "reduce-overhead" (CUDA graphs at the fixed shapes),
+    # "max-autotune" or "max-autotune-no-cudagraphs".
+    compile_mode: str = "default"
+    # Fuse each attention's q, k, v projections into one matmul (diffusers fuse_qkv_projections).
+    fuse_qkv: bool = False
+    # LoRA adapter (local dir, .safetensors file or hub id) loaded with load_lora_weights and
+    # fused into the UNet, e.g. LCM-LoRA, TCD-LoRA, Hyper-SD ("" = none).
+    lora: str = ""
+    # File name of the adapter inside `lora` when it holds several ("" = diffusers' default).
+    lora_weight_name: str = ""
+    # Scale the adapter is fused with.
+    lora_scale: float = 1.0
+    # Distilled UNet (diffusers UNet folder or hub id, e.g. an LCM UNet) replacing the
+    # checkpoint's UNet ("" = none).
+    unet: str = ""
+    # The first steps run the base UNet with guidance, the rest the distilled one (lora or
+    # unet): few-step diversity of arXiv 2503.10637. 0 = every step distilled.
+    base_steps: int = 0
+    # Classifier-free guidance only on steps i with lo <= i/steps < hi (arXiv 2404.07724);
+    # other steps make one conditional pass. [0, 1] = every step.
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # DeepCache: run the full UNet every N steps, only its shallowest blocks with cached deep
+    # features in between (arXiv 2312.00858). 1 = off.
+    deep_cache_every: int = 1
     # Images per VAE decode call (bounds memory; 0 = all at once).
     vae_decode_chunk: int = 8
-    # Path of AutoencoderTiny weights to decode with ("" = the model's own VAE).
+    # AutoencoderTiny to decode with: local dir or hub id, e.g. madebyollin/taesd ("" = the
+    # model's own VAE).
     tiny_vae: str = ""
     # Negative prompt used for the unconditional branch of classifier-free guidance.
     negative_prompt: str = ""
@@ -227,6 +266,9 @@ class ReplayConfig:
     min_pool: int = 0
     # Draw weight of a never-used group relative to a used one (1 = uniform random draws).
     fresh_weight: float = 1.0
+    # How a batch is drawn: "random" (from the pool above) or "sequential" (the old rule:
+    # unused groups first, then least used, oldest first, min_pool n; kept for comparison).
+    draw: str = "random"
     # Save the held groups in checkpoints, so a resumed run loses nothing it had received
     # (costs capacity x group size of disk per trainer rank).
     checkpoint_contents: bool = True

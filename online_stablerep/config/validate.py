@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+from online_stablerep.config.recipes import RECIPES
 from online_stablerep.config.schema import Config
-from online_stablerep.replay.buffer import default_min_pool
+from online_stablerep.replay.buffer import DRAWS, default_min_pool
 
 GUIDANCE_PRESETS: dict[str, list[float]] = {
     "small": [2.0, 3.0],
     "large": [8.0, 10.0],
     "mixed": [2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0],
 }
-SCHEDULERS = ("dpm++", "unipc", "euler", "ddim", "lcm")
+SCHEDULERS = ("dpm++", "unipc", "euler", "ddim", "lcm", "tcd")
+TIMESTEP_SPACINGS = ("", "leading", "trailing", "linspace")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RANDOM_ARCHITECTURES = ("tiny", "sd15", "sd21", "sdxl")
 PRODUCERS = ("procedural", "diffusion")
 
@@ -123,12 +129,14 @@ def validate(cfg: Config) -> None:
     _one_of(g.dtype, "generator.dtype", ("auto", "bf16", "fp16", "fp32"))
     _one_of(g.attention, "generator.attention", ("sdpa", "xformers"))
     _require(g.vae_decode_chunk >= 0, "generator.vae_decode_chunk", "must be >= 0")
+    _validate_levers(cfg)
 
     _require(cfg.replay.capacity >= b.captions_per_batch, "replay.capacity",
              f"{cfg.replay.capacity} < batch.captions_per_batch={b.captions_per_batch}")
     _require(cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1")
     _require(cfg.replay.min_pool >= 0, "replay.min_pool", "must be >= 0 (0 = auto)")
     _require(cfg.replay.fresh_weight > 0, "replay.fresh_weight", "must be > 0")
+    _require(cfg.replay.draw in DRAWS, "replay.draw", f"must be one of {', '.join(DRAWS)}")
     pool = resolved_min_pool(cfg)
     _require(cfg.replay.capacity >= pool, "replay.capacity",
              f"{cfg.replay.capacity} < replay.min_pool={pool} (the pool a batch is drawn from; "
@@ -158,6 +166,43 @@ def validate(cfg: Config) -> None:
     _require(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
 
 
+def _local_path_missing(value: str) -> bool:
+    """True for a value that can only be a local path (absolute, relative with ./ or ~, or a
+    weights file name) and does not exist; anything else may be a hub id, checked at load."""
+    looks_local = value.startswith(("/", "./", "../", "~")) or value.endswith(
+        (".safetensors", ".bin", ".pt"))
+    return looks_local and not Path(value).expanduser().exists()
+
+
+def _validate_levers(cfg: Config) -> None:
+    """The speed levers of the generator (config/recipes.py)."""
+    g = cfg.generator
+    _one_of(g.recipe, "generator.recipe", ("", *RECIPES))
+    _one_of(g.timestep_spacing, "generator.timestep_spacing", TIMESTEP_SPACINGS)
+    _require(0.0 <= g.tcd_eta <= 1.0, "generator.tcd_eta", f"{g.tcd_eta} not in [0, 1]")
+    _one_of(g.compile_mode, "generator.compile_mode", COMPILE_MODES)
+    _require(math.isfinite(g.lora_scale) and g.lora_scale != 0, "generator.lora_scale",
+             "must be a finite non-zero number")
+    for key in ("lora", "unet", "tiny_vae"):
+        value = getattr(g, key)
+        _require(not _local_path_missing(value), f"generator.{key}",
+                 f"{value!r}: no such file or directory")
+    _require(not g.lora_weight_name or bool(g.lora), "generator.lora_weight_name",
+             "given without generator.lora")
+    _require(0 <= g.base_steps <= g.steps, "generator.base_steps",
+             f"{g.base_steps} not in [0, generator.steps={g.steps}]")
+    _require(g.base_steps == 0 or bool(g.lora or g.unet), "generator.base_steps",
+             f"{g.base_steps} base steps need a distilled model to hand over to "
+             "(generator.lora or generator.unet)")
+    interval = list(g.guidance_interval)
+    _require(len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0,
+             "generator.guidance_interval", f"{interval}: need [lo, hi] with 0 <= lo <= hi <= 1")
+    _require(g.deep_cache_every >= 1, "generator.deep_cache_every", "must be >= 1 (1 = off)")
+    _require(not (g.scheduler in ("lcm", "tcd") and g.timestep_spacing),
+             "generator.timestep_spacing", f"{g.timestep_spacing!r} would be ignored: the "
+             f"{g.scheduler} scheduler picks its own timesteps (leave it empty)")
+
+
 def parse_generators(spec: str) -> tuple[int, bool]:
     """`roles.generators` as (count, per_node): "2" -> (2, False), "1/node" -> (1, True)."""
     text = str(spec).strip()
@@ -177,4 +222,4 @@ def resolved_min_pool(cfg: Config) -> int:
     """`replay.min_pool`, with 0 (auto) sized from captions_per_batch and max_reuse."""
     if cfg.replay.min_pool > 0:
         return max(cfg.replay.min_pool, cfg.batch.captions_per_batch)
-    return default_min_pool(cfg.batch.captions_per_batch, cfg.replay.max_reuse)
+    return default_min_pool(cfg.batch.captions_per_batch, cfg.replay.max_reuse, cfg.replay.draw)

@@ -28,6 +28,15 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size(default: int = 1) -> int:
+    """Ranks on this node: LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (the deepspeed launcher,
+    which does not set LOCAL_WORLD_SIZE), else `default`."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
 def default_device() -> torch.device:
     """This process's CUDA device when there is one, else the CPU."""
     if torch.cuda.is_available():

@@ -6,6 +6,7 @@ order, then takes its role: trainer ranks run the Trainer, generator ranks feed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -20,11 +21,16 @@ import torch.distributed as dist
 from online_stablerep.config import Config, ConfigError, save_config
 from online_stablerep.config.inputs import check_inputs
 from online_stablerep.config.validate import resolved_min_pool
-from online_stablerep.distributed.env import default_device
+from online_stablerep.distributed.env import default_device, local_world_size
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
 from online_stablerep.jobs.shutdown import StopRequest, write_last_word
-from online_stablerep.monitoring.metrics import MetricSink, TensorBoardSink, console
+from online_stablerep.monitoring.metrics import (
+    MetricSink,
+    TensorBoardSink,
+    console,
+    flat_hparams,
+)
 from online_stablerep.producers import build_producer
 from online_stablerep.replay import ReplayBuffer
 from online_stablerep.training.sources import BatchSource, ColocatedSource
@@ -51,7 +57,7 @@ def single_process_env() -> None:
 def _pin_cpu_cores() -> None:
     """On CPU launches, give each local rank its own share of the cores so ranks do not fight
     over them (launch/train.sh sets ONLINE_STABLEREP_PIN_CORES=1)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_world = local_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cores = sorted(os.sched_getaffinity(0))
     share = max(1, len(cores) // local_world)
@@ -66,7 +72,8 @@ def _trainer_source(
 ) -> BatchSource:
     buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse,
                           min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
-                          seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit)
+                          seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit,
+                          draw=cfg.replay.draw)
     n, k = cfg.batch.captions_per_batch, cfg.batch.views_per_caption
     if roles.colocated:
         shard, shards = roles.producer_shard(rank)
@@ -84,7 +91,7 @@ def _plan_comparison(cfg: Config, roles: Roles) -> Callable[[dict[str, float]], 
         return None
     from online_stablerep.planning.planner import plan_deviation, plan_split
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", roles.world_size))
+    local = local_world_size(roles.world_size)
     label = "measured" if cfg.plan.source == "measured" else "ESTIMATED"
     plan = plan_split(
         cfg.plan.gen_images_per_s, cfg.plan.train_images_per_s, local,
@@ -129,11 +136,25 @@ def _run_trainer(
         _write_summary(cfg, result)
         console(f"finished: {result.steps} steps ({result.stopped_because}), "
                 f"checkpoint {result.checkpoint}", rank=rank)
+        probe = {}
         if cfg.eval.probe_at_end and not stop.is_set():
             from online_stablerep.eval.run import probe_after_training
 
-            probe_after_training(cfg, trainer.engine.module, device)
+            probe = probe_after_training(cfg, trainer.engine.module, device)
+        _write_hparams(cfg, result, probe)
     return 0
+
+
+def _write_hparams(cfg: Config, result: TrainResult, probe: dict) -> None:
+    """The run's config beside its final figures in TensorBoard's HParams tab, so runs of an
+    experiment (reuse, guidance, recipes) compare side by side."""
+    metrics = {"final/loss": result.losses[-1] if result.losses else float("nan"),
+               "final/steps": float(result.steps)}
+    metrics.update({f"final/{key}": float(value) for key, value in probe.items()
+                    if isinstance(value, float)})
+    sink = TensorBoardSink(Path(cfg.output_dir) / "tensorboard" / "train")
+    sink.hparams(flat_hparams(dataclasses.asdict(cfg)), metrics)
+    sink.close()
 
 
 def _write_summary(cfg: Config, result: TrainResult) -> None:
@@ -197,7 +218,7 @@ def run_job(cfg: Config) -> int:
     world = int(os.environ["WORLD_SIZE"])
     # 1. Everything that can fail on bad input fails here, before any group or model exists
     # (InputError: the CLI prints one line and exits 2).
-    roles = check_inputs(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    roles = check_inputs(cfg, world, local_world_size(world))
     role = "trainer" if roles.is_trainer(rank) else "generator"
     stop = StopRequest()
     stop.install(lambda name: console(

@@ -18,6 +18,12 @@ class MetricSink:
     def image(self, tag: str, image_chw: torch.Tensor, step: int) -> None:
         pass
 
+    def layout(self, layout: dict) -> None:
+        """The CUSTOM SCALARS tab's layout (see monitoring.layout)."""
+
+    def hparams(self, hparams: dict[str, float | str | bool], metrics: dict[str, float]) -> None:
+        """One HParams entry: the run's config values beside its final figures."""
+
     def flush(self) -> None:
         pass
 
@@ -41,6 +47,13 @@ class TensorBoardSink(MetricSink):
         """`image_chw`: (3, H, W) uint8 or float in [0, 1]."""
         self._writer.add_image(tag, image_chw, step)
 
+    def layout(self, layout: dict) -> None:
+        self._writer.add_custom_scalars(layout)
+
+    def hparams(self, hparams: dict[str, float | str | bool], metrics: dict[str, float]) -> None:
+        # run_name "." keeps the entry beside the run's scalars instead of a timestamped subdir.
+        self._writer.add_hparams(hparams, metrics, run_name=".")
+
     def flush(self) -> None:
         self._writer.flush()
 
@@ -54,16 +67,15 @@ def console(message: str, role: str = "train", rank: int = 0) -> None:
     print(f"[{stamp} {role} rank {rank}] {message}", file=sys.stdout, flush=True)
 
 
-def group_grid(images_kchw_list: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
-    """A grid with one caption group per row: list of (k, 3, H, W) uint8 -> (3, H', W') uint8."""
-    rows = []
-    for images in images_kchw_list:
-        k, c, h, w = images.shape
-        row = torch.zeros(c, h + 2 * pad, k * (w + pad) + pad, dtype=torch.uint8)
-        for j in range(k):
-            x = pad + j * (w + pad)
-            row[:, pad : pad + h, x : x + w] = images[j]
-        rows.append(row)
-    width = max(r.shape[2] for r in rows)
-    rows = [torch.nn.functional.pad(r, (0, width - r.shape[2])) for r in rows]
-    return torch.cat(rows, dim=1)
+def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | str | bool]:
+    """A nested config as HParams values: dotted keys; lists and None as text."""
+    flat: dict[str, float | str | bool] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -77,6 +77,10 @@ class DiffusionFlops:
     vae_decode: float
     # Encoding one prompt with every text encoder of the architecture.
     text_encode: float
+    # DeepCache's shallow UNet pass (conv_in, first down block, last up block) for one image.
+    unet_cached_forward: float = 0.0
+    # AutoencoderTiny (TAESD architecture at the VAE's scale factor) decode of one image.
+    tiny_vae_decode: float = 0.0
 
 
 @functools.cache
@@ -92,6 +96,8 @@ def count_diffusion_flops(architecture: str, resolution: int = 0) -> DiffusionFl
             cannot be counted without loading it: measure it with benchmarks/generator.py).
     """
     from online_stablerep.producers.architectures import ARCHITECTURES
+    from online_stablerep.producers.artefacts import random_tiny_vae
+    from online_stablerep.producers.feature_cache import DeepCacheUNet
 
     if architecture not in ARCHITECTURES:
         raise ValueError(
@@ -114,6 +120,13 @@ def count_diffusion_flops(architecture: str, resolution: int = 0) -> DiffusionFl
         tokens = torch.zeros(1, 77, dtype=torch.long)
         with FlopCounterMode(display=False) as unet_count:
             unet(latent, torch.tensor([500]), encoder_hidden_states=context, **extra)
+        deep = DeepCacheUNet(unet)
+        _, feature = deep(latent, torch.tensor([500]), context, **extra)
+        with FlopCounterMode(display=False) as cached_count:
+            deep(latent, torch.tensor([500]), context, cached=feature, **extra)
+        tiny_vae = random_tiny_vae(upsamplings=len(vae.config.block_out_channels) - 1)
+        with FlopCounterMode(display=False) as tiny_count:
+            tiny_vae.decode(latent)
         with FlopCounterMode(display=False) as vae_count:
             vae.decode(latent)
         with FlopCounterMode(display=False) as text_count:
@@ -126,22 +139,35 @@ def count_diffusion_flops(architecture: str, resolution: int = 0) -> DiffusionFl
         unet_forward=float(unet_count.get_total_flops()),
         vae_decode=float(vae_count.get_total_flops()),
         text_encode=float(text_count.get_total_flops()),
+        unet_cached_forward=float(cached_count.get_total_flops()),
+        tiny_vae_decode=float(tiny_count.get_total_flops()),
     )
 
 
 def flops_per_generated_image(
-    counted: DiffusionFlops, steps: int, guidance_scales: list[float], images_per_caption: int
+    counted: DiffusionFlops, steps: int, guidance_scales: list[float], images_per_caption: int,
+    guidance_interval: tuple[float, float] = (0.0, 1.0), base_steps: int = 0,
+    deep_cache_every: int = 1, tiny_vae: bool = False,
 ) -> float:
-    """UNet forward x steps x CFG factor + VAE decode + text encoding shared by a caption group.
+    """UNet passes over the sampler's step plan + VAE decode + text encoding shared by a group.
 
-    The CFG factor is the mean over the guidance scales drawn: 2 (conditional and unconditional
-    pass) for a scale > 1, else 1. Every scheduler offered (dpm++, unipc, euler, ddim, lcm) makes
-    one UNet evaluation per step.
+    A guided step costs the CFG factor of UNet passes: the mean over the guidance scales drawn
+    of 2 (conditional and unconditional pass) for a scale > 1, else 1; a step outside
+    `guidance_interval` costs one pass. DeepCache's shallow steps cost `unet_cached_forward`.
+    A fused LoRA adapter or a distilled UNet of the same architecture costs what the base UNet
+    does. Every scheduler offered makes one UNet evaluation per step.
     """
+    from online_stablerep.producers.sampling import plan_steps
+
     cfg_factor = sum(2.0 if s > 1.0 else 1.0 for s in guidance_scales) / len(guidance_scales)
-    per_caption_text = counted.text_encode * cfg_factor
-    return (counted.unet_forward * steps * cfg_factor + counted.vae_decode
-            + per_caption_text / images_per_caption)
+    plan = plan_steps(steps, guidance_interval, base_steps, deep_cache_every,
+                      guidance=cfg_factor > 1.0)
+    unet = sum((cfg_factor if kind.guided else 1.0)
+               * (counted.unet_forward if kind.full else counted.unet_cached_forward)
+               for kind in plan)
+    text = counted.text_encode * (cfg_factor if any(k.guided for k in plan) else 1.0)
+    decode = counted.tiny_vae_decode if tiny_vae else counted.vae_decode
+    return unet + decode + text / images_per_caption
 
 
 # Hub ids of released checkpoints whose architecture is one of the named random-weight ones.
@@ -157,12 +183,14 @@ KNOWN_CHECKPOINTS = {
 
 
 def generator_flops_per_image(cfg: Config) -> float:
-    """FLOPs per generated image for the generator section of `cfg` (named architectures, or a
-    released checkpoint of one of them, by hub id)."""
+    """FLOPs per generated image for the generator section of `cfg`, with its recipe's levers
+    (named architectures, or a released checkpoint of one of them, by hub id)."""
     g = cfg.generator
     counted = count_diffusion_flops(KNOWN_CHECKPOINTS.get(g.model, g.model), g.resolution)
     return flops_per_generated_image(
-        counted, g.steps, parse_guidance(g.guidance), cfg.producer.images_per_caption
+        counted, g.steps, parse_guidance(g.guidance), cfg.producer.images_per_caption,
+        guidance_interval=tuple(g.guidance_interval), base_steps=g.base_steps,
+        deep_cache_every=g.deep_cache_every, tiny_vae=bool(g.tiny_vae),
     )
 
 

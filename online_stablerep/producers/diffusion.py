@@ -48,10 +48,11 @@ class DiffusionProducer:
         g = self.cfg.generator
         t0 = time.perf_counter()
         components = build_components(g, self.device)
-        self.sampler = Sampler(components, g.steps, g.negative_prompt, g.vae_decode_chunk)
-        log.info("diffusion producer rank %d: %s on %s (%s, %d px, %s %d steps) built in %.1fs",
-                 self.rank, g.model, self.device, components.dtype, components.resolution,
-                 g.scheduler, g.steps, time.perf_counter() - t0)
+        self.sampler = Sampler.from_config(components, g)
+        log.info("diffusion producer rank %d: %s on %s (%s, %d px, recipe %s, %s %d steps) "
+                 "built in %.1fs", self.rank, g.model, self.device, components.dtype,
+                 components.resolution, g.recipe or "none", g.scheduler, g.steps,
+                 time.perf_counter() - t0)
 
     def next_groups(self) -> list[CaptionGroup]:
         """The groups of one batched call; an empty list once `train.epochs` is reached."""

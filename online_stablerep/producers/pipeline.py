@@ -7,22 +7,22 @@ image processor is ever loaded.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass
 from importlib.util import find_spec
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import (
-    AutoencoderTiny,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
     StableDiffusionPipeline,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -33,6 +33,8 @@ from online_stablerep.producers.architectures import (
     SD_SCHEDULER_CONFIG,
     build_architecture,
 )
+from online_stablerep.producers.artefacts import fuse_lora, load_tiny_vae, load_unet
+from online_stablerep.producers.feature_cache import DeepCacheUNet
 from online_stablerep.producers.tokenizer import build_clip_tokenizer, check_vocab_size
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,
     "ddim": DDIMScheduler,
     "lcm": LCMScheduler,
+    "tcd": TCDScheduler,
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -71,6 +74,12 @@ class Components:
     tokenizer_2: Any = None
     # SDXL: an empty negative prompt means zero embeddings, as the model was trained.
     force_zeros_for_empty_prompt: bool = False
+    # The undistilled UNet the first generator.base_steps steps run, when `unet` is distilled.
+    base_unet: torch.nn.Module | None = None
+    # The UNets are DeepCacheUNet wrappers (generator.deep_cache_every > 1).
+    deep_cache: bool = False
+    # The compiled UNets replay CUDA graphs: outputs are overwritten by the next replay.
+    cuda_graphs: bool = False
 
     @property
     def is_sdxl(self) -> bool:
@@ -141,34 +150,53 @@ def _set_attention(modules: list[torch.nn.Module], backend: str) -> None:
 
 
 def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Components:
-    """Load `cfg.model` (checkpoint dir, hub id, or architecture name) onto `device`.
+    """Load `cfg.model` (checkpoint dir, hub id, or architecture name) onto `device`, with the
+    speed levers of `cfg` applied: distilled UNet or fused LoRA adapter (keeping the base UNet
+    when generator.base_steps > 0), tiny VAE, fused QKV, DeepCache, torch.compile.
 
     Raises:
-        ValueError: for a tokenizer with the wrong vocabulary or an unreadable tiny VAE path.
+        ValueError: naming the key, for a tokenizer with the wrong vocabulary or an artefact
+            (generator.model, lora, unet, tiny_vae) that cannot be loaded.
     """
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
     parts = _build_random(cfg.model) if cfg.model in ARCHITECTURES else _load_checkpoint(
         cfg.model, dtype)
-    unet, vae = parts["unet"], parts["vae"]
+    vae = parts["vae"]
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    base_unet = copy.deepcopy(parts["unet"]) if cfg.base_steps > 0 else None
+    if cfg.unet:
+        parts["unet"] = load_unet(cfg.unet, dtype)
+    if cfg.lora:
+        fuse_lora(parts, cfg.lora, cfg.lora_weight_name, cfg.lora_scale)
+    unet = parts["unet"]
     if cfg.tiny_vae:
-        if not Path(cfg.tiny_vae).exists():
-            raise ValueError(f"generator.tiny_vae={cfg.tiny_vae!r}: no such directory")
-        vae = AutoencoderTiny.from_pretrained(cfg.tiny_vae)
+        vae = load_tiny_vae(cfg.tiny_vae, dtype)
     # fp16 overflows in some VAEs (SDXL's says so in force_upcast): decode those in fp32.
     upcast_vae = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
     vae_dtype = torch.float32 if upcast_vae else dtype
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if "text_encoder_2" in parts
                                           else [])
-    for module, module_dtype in [(unet, dtype), (vae, vae_dtype)] + [(e, dtype) for e in encoders]:
+    unets = [unet] + ([base_unet] if base_unet is not None else [])
+    for module, module_dtype in ([(u, dtype) for u in unets] + [(vae, vae_dtype)]
+                                 + [(e, dtype) for e in encoders]):
         _place(module, device, module_dtype, memory_format)
-    _set_attention([unet, vae], cfg.attention)
+    _set_attention([*unets, vae], cfg.attention)
+    if cfg.fuse_qkv:
+        for module in unets:
+            module.fuse_qkv_projections()
     sample_size = int(unet.config.sample_size)
+    if cfg.deep_cache_every > 1:
+        unets = [DeepCacheUNet(u) for u in unets]
     if cfg.compile:
         # Shapes are fixed by padding every call to producer.captions_per_call captions.
-        unet = torch.compile(unet, dynamic=False)
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        unets = [torch.compile(u, dynamic=False, mode=mode) for u in unets]
+    unet, base_unet = unets[0], (unets[1] if len(unets) > 1 else None)
+    scheduler_config = dict(parts["scheduler_config"])
+    if cfg.timestep_spacing:
+        scheduler_config["timestep_spacing"] = cfg.timestep_spacing
     resolution = cfg.resolution or sample_size * vae_scale_factor
     return Components(
         unet=unet,
@@ -176,7 +204,7 @@ def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Compon
         text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"],
         scheduler_cls=SCHEDULERS[cfg.scheduler],
-        scheduler_config=parts["scheduler_config"],
+        scheduler_config=scheduler_config,
         device=device,
         dtype=dtype,
         vae_scale_factor=vae_scale_factor,
@@ -184,6 +212,10 @@ def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Compon
         text_encoder_2=parts.get("text_encoder_2"),
         tokenizer_2=parts.get("tokenizer_2"),
         force_zeros_for_empty_prompt=parts.get("force_zeros", False),
+        base_unet=base_unet,
+        deep_cache=cfg.deep_cache_every > 1,
+        cuda_graphs=(cfg.compile and device.type == "cuda"
+                     and cfg.compile_mode in ("reduce-overhead", "max-autotune")),
     )
 
 

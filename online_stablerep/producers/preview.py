@@ -62,7 +62,8 @@ def render_grid(groups: list[CaptionGroup], title: str = "", cell: int = 0,
         for line in lines:
             draw.text((left, y), line, fill=_TEXT, font=font)
             y += 19
-        info = f"guidance {group.guidance_scale:g}  ·  caption {group.caption_id}  ·  seed {group.seed}"
+        info = (f"guidance {group.guidance_scale:g}  ·  caption {group.caption_id}  ·  "
+                f"epoch {group.epoch}  ·  seed {group.seed}")
         draw.text((left, top + cell - 16), info, fill=_MUTED, font=small)
         if row + 1 < len(groups):
             draw.line((pad, top + row_h - gap // 2 - 1, width - pad, top + row_h - gap // 2 - 1),

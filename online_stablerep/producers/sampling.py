@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from online_stablerep.config.schema import GeneratorConfig
 from online_stablerep.producers.pipeline import Components
 
 # channels_last convolutions silently return zeros when a tensor has 2^31 elements or more.
@@ -61,19 +63,84 @@ def _guidance_embedding(w_b: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
 
+@dataclass(frozen=True)
+class StepKind:
+    """How one sampling step runs."""
+
+    # Runs the base (undistilled) UNet.
+    base: bool
+    # Classifier-free guidance: an unconditional and a conditional pass in one batched call.
+    guided: bool
+    # A full UNet pass (False: DeepCache's shallow pass on the kept deep feature).
+    full: bool
+
+
+def plan_steps(steps: int, guidance_interval: tuple[float, float] = (0.0, 1.0),
+               base_steps: int = 0, deep_cache_every: int = 1, guidance: bool = True,
+               distilled_embeds_guidance: bool = False) -> list[StepKind]:
+    """The kind of each of `steps` steps; the sampler runs exactly this plan and the FLOP model
+    (planning/flops.py) counts it.
+
+    Args:
+        guidance_interval: (lo, hi): step i is guided when lo <= i / steps < hi.
+        base_steps: the first steps run the base UNet.
+        deep_cache_every: a full pass every this many steps (and whenever the UNet or the
+            batch rows change, since the kept feature belongs to one UNet and batch).
+        guidance: whether any row of the call has guidance > 1.
+        distilled_embeds_guidance: the distilled UNet takes guidance as an input (LCM UNets),
+            so its steps are never guided.
+    """
+    lo, hi = guidance_interval
+    kinds, key, since_full = [], None, 0
+    for i in range(steps):
+        base = i < base_steps
+        guided = (guidance and lo <= i / steps < hi
+                  and (base or not distilled_embeds_guidance))
+        full = deep_cache_every == 1 or key != (base, guided) or since_full >= deep_cache_every
+        key, since_full = (base, guided), (1 if full else since_full + 1)
+        kinds.append(StepKind(base=base, guided=guided, full=full))
+    return kinds
+
+
 class Sampler:
-    """Turns captions into uint8 image groups with the given components."""
+    """Turns captions into uint8 image groups with the given components.
+
+    Args:
+        components: from `pipeline.build_components`.
+        steps: scheduler steps.
+        negative_prompt: the unconditional branch's prompt.
+        vae_decode_chunk: images per VAE decode call (0 = all at once).
+        guidance_interval: (lo, hi): classifier-free guidance only on steps i with
+            lo <= i / steps < hi; the others make one conditional pass.
+        base_steps: the first steps run `components.base_unet` (the undistilled model).
+        deep_cache_every: with DeepCache UNets, a full UNet pass every this many steps.
+        eta: stochasticity of schedulers that take one (TCD).
+    """
 
     def __init__(self, components: Components, steps: int, negative_prompt: str = "",
-                 vae_decode_chunk: int = 0) -> None:
+                 vae_decode_chunk: int = 0, guidance_interval: tuple[float, float] = (0.0, 1.0),
+                 base_steps: int = 0, deep_cache_every: int = 1, eta: float = 0.3) -> None:
+        assert base_steps == 0 or components.base_unet is not None, "base steps need a base UNet"
+        assert deep_cache_every == 1 or components.deep_cache, "DeepCache needs DeepCacheUNets"
         self.c = components
         self.steps = steps
         self.vae_decode_chunk = vae_decode_chunk
+        self.guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
+        self.base_steps = base_steps
+        self.deep_cache_every = deep_cache_every
         self.scheduler = components.scheduler_cls.from_config(components.scheduler_config)
         step_params = inspect.signature(self.scheduler.step).parameters
+        self._step_kwargs = {"eta": eta} if "eta" in step_params else {}
         self._step_takes_generator = "generator" in step_params
         self._time_cond_dim = components.unet.config.time_cond_proj_dim
         self.negative = self._encode_negative(negative_prompt)
+
+    @classmethod
+    def from_config(cls, components: Components, g: GeneratorConfig) -> Sampler:
+        """The sampler a generator config asks for."""
+        return cls(components, g.steps, g.negative_prompt, g.vae_decode_chunk,
+                   guidance_interval=tuple(g.guidance_interval), base_steps=g.base_steps,
+                   deep_cache_every=g.deep_cache_every, eta=g.tcd_eta)
 
     @torch.inference_mode()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -118,34 +185,57 @@ class Sampler:
             (B, C, h, w) fp32 final latents.
         """
         c, batch = self.c, latents.shape[0]
-        # With an LCM-distilled UNet guidance is an input, not a second pass.
-        cfg = self._time_cond_dim is None and bool((guidance_b > 1).any())
+        any_guided = bool((guidance_b > 1).any())
         guidance_b = guidance_b.to(c.device, torch.float32)
+        # Rows with guidance <= 1 take scale 1 (= cond) in a guided step.
+        scale = guidance_b.clamp(min=1.0).view(batch, 1, 1, 1)
+        # An LCM-distilled UNet takes guidance as an input instead of a second pass.
         timestep_cond = None
         if self._time_cond_dim is not None:
             timestep_cond = _guidance_embedding(guidance_b - 1, self._time_cond_dim).to(c.dtype)
-        if cfg:
-            # One batched call [uncond; cond]. Rows with guidance <= 1 take scale 1 (= cond).
-            scale = guidance_b.clamp(min=1.0).view(batch, 1, 1, 1)
-            cond = torch.cat([self.negative[0].expand(batch, -1, -1), cond])
-            if pooled is not None:
-                pooled = torch.cat([self.negative[1].expand(batch, -1), pooled])
-        added = None
+        # Conditioning of a plain pass and of a guided pass (one batched call [uncond; cond]).
+        plain = {"encoder_hidden_states": cond, "added_cond_kwargs": None}
+        both = {"encoder_hidden_states": torch.cat([self.negative[0].expand(batch, -1, -1), cond]),
+                "added_cond_kwargs": None}
         if c.is_sdxl:
             side = c.resolution
             time_ids = torch.tensor([[side, side, 0, 0, side, side]], device=c.device,
-                                    dtype=c.dtype).expand(cond.shape[0], -1)
-            added = {"text_embeds": pooled, "time_ids": time_ids}
+                                    dtype=c.dtype)
+            plain["added_cond_kwargs"] = {"text_embeds": pooled,
+                                          "time_ids": time_ids.expand(batch, -1)}
+            both["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([self.negative[1].expand(batch, -1), pooled]),
+                "time_ids": time_ids.expand(2 * batch, -1)}
         self.scheduler.set_timesteps(self.steps, device=c.device)
-        step_kwargs = {"generator": generators} if self._step_takes_generator else {}
+        step_kwargs = dict(self._step_kwargs)
+        if self._step_takes_generator:
+            step_kwargs["generator"] = generators
+        plan = plan_steps(self.steps, self.guidance_interval, self.base_steps,
+                          self.deep_cache_every, guidance=any_guided,
+                          distilled_embeds_guidance=timestep_cond is not None)
+        feature = None
         # Latents stay fp32 between steps; only the UNet runs in the model dtype.
         latents = latents.to(c.device, torch.float32) * self.scheduler.init_noise_sigma
-        for t in self.scheduler.timesteps:
-            x = torch.cat([latents, latents]) if cfg else latents
+        for kind, t in zip(plan, self.scheduler.timesteps, strict=True):
+            # 1. Which UNet (the base model for the first base_steps) and whether to guide.
+            unet = c.base_unet if kind.base else c.unet
+            embeds_guidance = not kind.base and timestep_cond is not None
+            x = torch.cat([latents, latents]) if kind.guided else latents
             x = self.scheduler.scale_model_input(x, t).to(c.dtype)
-            eps = c.unet(x, t, encoder_hidden_states=cond, timestep_cond=timestep_cond,
-                         added_cond_kwargs=added, return_dict=False)[0].float()
-            if cfg:
+            kwargs = {**(both if kind.guided else plain),
+                      "timestep_cond": timestep_cond if embeds_guidance else None}
+            if c.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            # 2. The UNet pass: full, or DeepCache's shallow pass on the kept deep feature.
+            if c.deep_cache:
+                eps, kept = unet(x, t, cached=None if kind.full else feature, **kwargs)
+                if kind.full:
+                    feature = kept.clone() if c.cuda_graphs else kept
+            else:
+                eps = unet(x, t, return_dict=False, **kwargs)[0]
+            eps = eps.float().clone() if c.cuda_graphs else eps.float()
+            # 3. Guidance, then the scheduler step.
+            if kind.guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + scale * (eps_cond - eps_uncond)
             latents = self.scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]

@@ -19,7 +19,10 @@ def group_key(group: CaptionGroup) -> GroupKey:
     return (group.caption_id, group.epoch, group.producer_rank)
 
 
-def default_min_pool(n: int, max_reuse: int) -> int:
+DRAWS = ("random", "sequential")
+
+
+def default_min_pool(n: int, max_reuse: int, draw: str = "random") -> int:
     """The pool a draw needs when `replay.min_pool` is 0 (auto).
 
     Uniform draws of n groups from a pool of P repeat about n / P of the previous batch and
@@ -27,7 +30,7 @@ def default_min_pool(n: int, max_reuse: int) -> int:
     (the official offline recipe reshuffles whole epochs, repeat ~0); with max_reuse 1 no group
     can repeat, so a larger pool would only add latency.
     """
-    return n if max_reuse <= 1 else 4 * n
+    return n if max_reuse <= 1 or draw == "sequential" else 4 * n
 
 
 @dataclass(eq=False)  # identity: list.remove must not compare image tensors
@@ -56,13 +59,17 @@ class ReplayBuffer:
     """
 
     def __init__(self, capacity: int, max_reuse: int, min_pool: int = 1,
-                 fresh_weight: float = 1.0, seed: int = 0, track_keys: bool = False):
+                 fresh_weight: float = 1.0, seed: int = 0, track_keys: bool = False,
+                 draw: str = "random"):
         if capacity < 1 or max_reuse < 1:
             raise ValueError("replay buffer needs capacity >= 1 and max_reuse >= 1")
         if min_pool > capacity:
             raise ValueError(f"replay.min_pool ({min_pool}) exceeds replay.capacity ({capacity})")
         if fresh_weight <= 0:
             raise ValueError("replay.fresh_weight must be > 0")
+        if draw not in DRAWS:
+            raise ValueError(f"replay.draw must be one of {DRAWS}, got {draw!r}")
+        self.draw = draw
         self.capacity = capacity
         self.max_reuse = max_reuse
         self.min_pool = min_pool
@@ -74,6 +81,7 @@ class ReplayBuffer:
         self._generator = torch.Generator().manual_seed(seed)
         # Run-long accounting (also saved in checkpoints as statistics).
         self.groups_added = 0
+        self.images_added = 0
         self.groups_drawn = 0
         self.draws = 0
         self.evicted_unused = 0
@@ -108,6 +116,12 @@ class ReplayBuffer:
         with self._lock:
             return len(self._slots)
 
+    def newest(self, count: int) -> list[CaptionGroup]:
+        """The `count` most recently received groups held, newest first (for image grids)."""
+        with self._lock:
+            slots = sorted(self._slots, key=lambda s: -s.order)[:count]
+            return [s.group for s in slots]
+
     def add(self, groups: list[CaptionGroup]) -> None:
         """Insert groups, evicting the most-used ones when full; wakes a waiting sampler."""
         with self._lock:
@@ -120,6 +134,7 @@ class ReplayBuffer:
                 self._slots.append(_Slot(group=group, order=self._arrivals))
                 self._arrivals += 1
                 self.groups_added += 1
+                self.images_added += group.num_images
             self._lock.notify_all()
 
     def _retire(self, slot: _Slot) -> None:
@@ -135,17 +150,25 @@ class ReplayBuffer:
         enough = drain or len(self._slots) >= self.min_pool
         return enough and self._distinct_captions() >= n
 
-    def _draw(self, n: int) -> list[_Slot]:
-        """n slots with distinct caption ids, weighted without replacement (an exponential
-        race: slot i finishes at Exp(1) / w_i, the n first distinct finishers win)."""
+    def _order(self) -> list[int]:
+        """Slot indices in draw order. random: weighted without replacement (an exponential
+        race: slot i finishes at Exp(1) / w_i, the first finishers win). sequential (the old
+        rule, kept for the reuse experiment): unused first, then least used, oldest first."""
+        if self.draw == "sequential":
+            return sorted(range(len(self._slots)),
+                          key=lambda i: (self._slots[i].uses, self._slots[i].order))
         weights = torch.tensor(
             [self.fresh_weight if s.uses == 0 else 1.0 for s in self._slots], dtype=torch.float64
         )
         finish = torch.empty(len(self._slots), dtype=torch.float64).exponential_(
             generator=self._generator) / weights
+        return torch.argsort(finish).tolist()
+
+    def _draw(self, n: int) -> list[_Slot]:
+        """n slots with distinct caption ids, in draw order."""
         chosen: list[_Slot] = []
         seen: set[int] = set()
-        for i in torch.argsort(finish).tolist():
+        for i in self._order():
             slot = self._slots[i]
             if slot.group.caption_id not in seen:
                 chosen.append(slot)
@@ -243,6 +266,7 @@ class ReplayBuffer:
         with self._lock:
             return {
                 "groups_added": self.groups_added,
+                "images_added": self.images_added,
                 "groups_drawn": self.groups_drawn,
                 "draws": self.draws,
                 "evicted_unused": self.evicted_unused,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
@@ -22,7 +23,9 @@ from online_stablerep.distributed.env import get_rank, get_world_size
 from online_stablerep.distributed.groups import JobGroups, TrainerMPU
 from online_stablerep.losses import StableRepLoss
 from online_stablerep.models.encoder import build_model
-from online_stablerep.monitoring.metrics import MetricSink, console, group_grid
+from online_stablerep.monitoring.layout import BalanceAdvisor, custom_scalars_layout
+from online_stablerep.monitoring.metrics import MetricSink, console
+from online_stablerep.producers.preview import render_grid
 from online_stablerep.records import TrainBatch
 from online_stablerep.training import checkpoint as ckpt
 from online_stablerep.training.augment import DeviceAugment
@@ -126,7 +129,11 @@ class Trainer:
             param_groups(model, cfg.optim.weight_decay),
             lr=self.lr,
             betas=(cfg.optim.beta1, cfg.optim.beta2),
+            fused=cfg.optim.fused,
         )
+        if cfg.train.compile:
+            # compile() keeps the module and its parameters (state dicts stay unprefixed).
+            model.compile()
         scheduler = warmup_cosine(
             optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
         )
@@ -138,10 +145,20 @@ class Trainer:
             mpu=TrainerMPU(groups),
             dist_init_required=False,
         )
+        if self.world == 1 and cfg.train.zero_stage == 0:
+            # One trainer has no gradients to average: skip the engine's bucketed all-reduce
+            # (a flatten, a collective over one rank and an unflatten every step). ZeRO-1
+            # needs it: its reduce fills the optimizer's gradient partitions.
+            self.engine.enable_backward_allreduce = False
         self.step = 0
         self.losses: list[float] = []
         # Caption ids of every batch, in group order (train.audit).
         self.audit_batches: list[list[int]] = []
+        # Views trained and images received at the previous log step (implied reuse).
+        self._balance0: tuple[int, int] | None = None
+        self.advisor = BalanceAdvisor()
+        if self.rank == 0:
+            self.sink.layout(custom_scalars_layout())
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -204,6 +221,11 @@ class Trainer:
             "max_reuse": buffer.max_reuse,
             "uses": [[*key, uses] for key, uses in (buffer.uses_by_key or {}).items()],
             "held_unused": buffer.stats()["unused"],
+            "min_pool": buffer.min_pool,
+            # How well batches mixed: mean fraction repeated from the previous batch, mean
+            # steps between a retired group's first and last use.
+            "batch_overlap": buffer.stats()["batch_overlap"],
+            "use_spread_steps": buffer.stats()["use_spread_steps"],
             "counters": buffer.counters(),
         }
         path = Path(self.cfg.output_dir) / "audit" / f"trainer_rank{self.rank}.json"
@@ -261,6 +283,14 @@ class Trainer:
         values.update({f"train/{k}": float(v.detach()) for k, v in terms.items() if k != "loss"})
         values.update({f"buffer/{k}": v for k, v in self.source.buffer.stats().items()})
         values.update(self.source.metrics())
+        counters = self.source.buffer.counters()
+        trained, received = self.step * self.n * self.k, counters["images_added"]
+        if self._balance0 is not None and received > self._balance0[1]:
+            # Views each image received since the last log served: what the balance implies.
+            values["balance/implied_reuse"] = (
+                (trained - self._balance0[0]) / (received - self._balance0[1]))
+        self._balance0 = (trained, received)
+        advice = self.advisor.observe(values["train/idle_fraction"], values.get("gen/idle_fraction"))
         if self.rank == 0:
             self.sink.scalars(values, self.step)
             console(
@@ -274,11 +304,18 @@ class Trainer:
             )
             if self.compare is not None:
                 console(self.compare(values), rank=self.rank)
+            if advice:
+                console(advice, rank=self.rank)
 
     def _grid(self, batch: TrainBatch) -> None:
-        rows = min(4, batch.captions_per_batch)
-        groups = [batch.images[i :: batch.captions_per_batch] for i in range(rows)]
-        self.sink.image("buffer/received_groups", group_grid(groups), self.step)
+        """The newest groups received, each a row of every image its generator made, with
+        caption, caption id, guidance and epoch."""
+        groups = self.source.buffer.newest(4)
+        if not groups:
+            return
+        grid = render_grid(groups, title=f"newest groups received at step {self.step}", cell=96)
+        image = torch.from_numpy(np.asarray(grid)).permute(2, 0, 1).contiguous()
+        self.sink.image("buffer/received_groups", image, self.step)
 
     # ---- the loop ----------------------------------------------------------------------------
 
