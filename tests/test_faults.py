@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def hybrid_args(out: Path, *extra: str) -> list[str]:
     return [f"output_dir={out}", *TINY_PROCEDURAL, "roles.generators=1",
-            "replay.max_reuse=2",
+            "replay.capacity=48", "replay.max_reuse=2",
             "producer.captions_per_call=4", "transport.credits_per_generator=4",
             "train.checkpoint_every=2", "transport.timeout_s=10", *extra]
 
@@ -111,14 +111,16 @@ def test_launcher_faults(tmp_path):
     assert newest.name == f"step_{stopped_at:08d}" and verify_checkpoint(newest) is None
 
     # 3. Fault 6: the generator takes 2.5 x transport.timeout_s to build its model; its
-    # keepalives say "warming up" and the resumed job finishes.
+    # keepalives say "warming up" and the resumed job finishes. 14 steps: more than the
+    # restored buffer can serve (capacity 48 x max_reuse 2 / 8 groups a step = 12), so the
+    # trainer must wait for the slow generator.
     logs3 = tmp_path / "slow"
     procs = start_ranks(2, ["--config", "cpu_procedural", *hybrid_args(
-        out, f"train.steps={stopped_at + 4}", "resume=true", "transport.timeout_s=4",
+        out, f"train.steps={stopped_at + 14}", "resume=true", "transport.timeout_s=4",
         "transport.startup_timeout_s=60")], logs3, module="tests.fault_entry",
         extra_env={"FAULT_SLOW_BUILD_S": "10"})
     assert wait_all(procs, timeout=150) == [0, 0], read_logs(logs3)[-3000:]
-    assert read_summary(out)["steps"] == stopped_at + 4
+    assert read_summary(out)["steps"] == stopped_at + 14
     trainer_log = (logs3 / "rank0.log").read_text()
     assert f"at step {stopped_at}" in trainer_log
     # The trainer needed the slow generator's groups: it finished after the generator resumed.
