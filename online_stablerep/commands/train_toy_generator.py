@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of everything")
     parser.add_argument("--batch-size", type=int, default=48, help="images per UNet step")
     parser.add_argument("--lr", type=float, default=1e-3, help="UNet/text-encoder learning rate")
-    parser.add_argument("--vae-steps", type=int, default=600, help="autoencoder steps")
-    parser.add_argument("--classifier-steps", type=int, default=400, help="classifier steps")
+    parser.add_argument("--vae-steps", type=int, default=400, help="autoencoder steps")
+    parser.add_argument("--classifier-steps", type=int, default=300, help="classifier steps")
     parser.add_argument("--bank", type=int, default=1500, help="training renders per category")
     parser.add_argument("--eval-every", type=int, default=250,
                         help="score samples and save the folder every this many steps")

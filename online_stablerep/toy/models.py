@@ -69,7 +69,7 @@ def build_text_encoder() -> CLIPTextModel:
 class CategoryClassifier(nn.Module):
     """A small CNN labelling 32 px images by toy category (trained on real renders only)."""
 
-    def __init__(self, num_classes: int = TOY_CATEGORIES, width: int = 32) -> None:
+    def __init__(self, num_classes: int = TOY_CATEGORIES, width: int = 16) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3

@@ -69,10 +69,10 @@ class ToyTrainConfig:
     # AdamW learning rate of the UNet and text encoder (constant after a 100-step warm-up).
     lr: float = 1e-3
     # Autoencoder steps and batch.
-    vae_steps: int = 600
+    vae_steps: int = 400
     vae_batch: int = 32
     # Classifier steps (batch 64).
-    classifier_steps: int = 400
+    classifier_steps: int = 300
     # Training renders per category in the bank.
     bank_per_category: int = 1500
     # EMA decay of the UNet and text encoder weights.
