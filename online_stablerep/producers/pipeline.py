@@ -47,6 +47,11 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+# Trained models shipped inside the package, by name; they load like any diffusers folder.
+SHIPPED_MODELS: dict[str, Path] = {
+    "toy": Path(__file__).resolve().parent.parent / "data" / "toy_sd",
+}
+
 
 @dataclass
 class Components:
@@ -90,8 +95,8 @@ def _load_checkpoint(model: str, dtype: torch.dtype) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ValueError(
             f"generator.model={model!r}: no diffusers pipeline could be loaded from it ({err}). "
-            f"Give a local diffusers folder, a hub id, or one of {', '.join(ARCHITECTURES)} "
-            "for random weights"
+            f"Give a local diffusers folder, a hub id, {', '.join(SHIPPED_MODELS)} for a model "
+            f"shipped in the package, or one of {', '.join(ARCHITECTURES)} for random weights"
         ) from err
     parts: dict[str, Any] = {
         "unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
@@ -141,15 +146,18 @@ def _set_attention(modules: list[torch.nn.Module], backend: str) -> None:
 
 
 def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Components:
-    """Load `cfg.model` (checkpoint dir, hub id, or architecture name) onto `device`.
+    """Load `cfg.model` (checkpoint dir, hub id, shipped model or architecture name) onto
+    `device`.
 
     Raises:
         ValueError: for a tokenizer with the wrong vocabulary or an unreadable tiny VAE path.
     """
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    parts = _build_random(cfg.model) if cfg.model in ARCHITECTURES else _load_checkpoint(
-        cfg.model, dtype)
+    if cfg.model in ARCHITECTURES:
+        parts = _build_random(cfg.model)
+    else:
+        parts = _load_checkpoint(str(SHIPPED_MODELS.get(cfg.model, cfg.model)), dtype)
     unet, vae = parts["unet"], parts["vae"]
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if cfg.tiny_vae:

@@ -1,17 +1,19 @@
 """The toy model's components (diffusers' and transformers' own classes) and the classifier that
 measures its samples.
 
-Sizes are set by what a 2-core CPU trains in about an hour and by the size of the shipped folder:
+Sizes are set by what a 2-core CPU (shared) trains in about an hour and by the size of the shipped folder:
 32 px images, a 4x16x16 latent (a two-block AutoencoderKL), a three-level UNet, and a 32-wide
 two-layer CLIP text encoder (its 49,408-token embedding is most of its size).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -38,10 +40,10 @@ def build_vae() -> AutoencoderKL:
     """32 px RGB <-> 4x16x16 latent."""
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, sample_size=TOY_RESOLUTION, norm_num_groups=32,
+        layers_per_block=1, sample_size=TOY_RESOLUTION, norm_num_groups=8,
     )
 
 
@@ -96,3 +98,11 @@ def classify(classifier: CategoryClassifier, images_uint8: torch.Tensor) -> torc
                                       antialias=True, align_corners=False)
     classifier.eval()
     return torch.cat([classifier(chunk).argmax(1) for chunk in x.split(256)])
+
+
+def load_classifier(folder: str | Path) -> CategoryClassifier:
+    """The classifier saved next to a toy model (`classifier.safetensors`, fp16) in eval mode."""
+    state = load_file(str(Path(folder) / "classifier.safetensors"))
+    model = CategoryClassifier()
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval()

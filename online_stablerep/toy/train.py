@@ -154,7 +154,7 @@ def train_vae(bank: torch.Tensor, steps: int, batch: int, seed: int) -> tuple[An
         loss.backward()
         opt.step()
         sched.step()
-        mse = float(mse_t)
+        mse = float(mse_t.detach())
         bar.set_postfix(mse=f"{mse:.4f}", refresh=False)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
