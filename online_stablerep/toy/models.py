@@ -68,6 +68,11 @@ def build_text_encoder() -> CLIPTextModel:
     ))
 
 
+def build_parts() -> dict[str, Any]:
+    """Untrained toy modules, as `producers.architectures` builds its named architectures."""
+    return {"unet": build_unet(), "vae": build_vae(), "text_encoder": build_text_encoder()}
+
+
 class CategoryClassifier(nn.Module):
     """A small CNN labelling 32 px images by toy category (trained on real renders only)."""
 
