@@ -108,9 +108,9 @@ def _shipped_groups(*overrides: str):
 
 @shipped
 def test_shipped_model_loads_by_name_and_generates_caption_groups():
-    groups = _shipped_groups("producer.images_per_caption=2", "producer.captions_per_call=2")
+    groups = _shipped_groups("producer.captions_per_call=2")
     assert [g.caption for g in groups] == [caption(0), caption(1)]
-    assert all(g.images_kchw.shape == (2, 3, 32, 32) for g in groups)
+    assert all(g.images_kchw.shape == (4, 3, 32, 32) for g in groups)
     assert all(g.images_kchw.dtype == torch.uint8 for g in groups)
     # Images of a trained model are not flat noise: the fractal stands out of its background.
     assert all(float(g.images_kchw.float().std()) > 20 for g in groups)
