@@ -63,7 +63,8 @@ JOB = ["train.steps=1000000", "train.log_every=1", "train.checkpoint_every=0",
        "train.image_grid_every=0", "eval.probe_at_end=false", "transport.timeout_s=60"]
 PRODUCERS = {
     "cpu": {
-        "diffusion": ("cpu_demo", []),
+        # Speed work stays on the tiny random-weight architecture (cpu_demo runs the toy model).
+        "diffusion": ("cpu_demo", ["generator.model=tiny", "captions.path=demo"]),
         # Dense fractals make generation cost far more than training on a group, so the
         # trainer keeps up; credit for 4 calls lets a call go out while the next is made.
         "procedural": ("cpu_procedural", [

@@ -11,7 +11,12 @@ SUBCOMMANDS = {
     "generate": "Generate a preview grid of caption groups.",
     "probe": "Linear probe and k-NN of a trained encoder.",
     "plan": "Recommend the split of generator and trainer GPUs.",
+    "train-toy-generator": "Train the toy text-to-image model of the procedural world.",
 }
+
+
+def _module(command: str) -> str:
+    return command.replace("-", "_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,14 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in SUBCOMMANDS.items():
-        module = importlib.import_module(f"online_stablerep.commands.{name}")
+        module = importlib.import_module(f"online_stablerep.commands.{_module(name)}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module = importlib.import_module(f"online_stablerep.commands.{args.command}")
+    module = importlib.import_module(f"online_stablerep.commands.{_module(args.command)}")
     return int(module.run(args))
 
 

@@ -21,7 +21,7 @@ def test_writes_a_grid_and_prints_images_per_second(tmp_path, capsys):
     out = tmp_path / "grid.png"
     code = _run(["--config", "cpu_demo", "--captions", str(captions), "--num", "3",
                  "--out", str(out), "generator.steps=2", "producer.images_per_caption=2",
-                 "producer.captions_per_call=2"])
+                 "producer.captions_per_call=2", "batch.views_per_caption=2"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "6 images from 3 captions" in printed and "images/s" in printed

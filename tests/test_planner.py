@@ -117,18 +117,18 @@ def test_cli_reads_benchmark_results(capsys, tmp_path):
     trainer = tmp_path / "trainer-x.json"
     trainer.write_text(json.dumps({
         "benchmark": "trainer", "machine": "cpu-2core", "summary": {},
-        "rows": [{"engine": "deepspeed", "backbone": "vit_tiny_patch16_224", "image_size": 32,
+        "rows": [{"engine": "deepspeed", "backbone": "resnet10t", "image_size": 32,
                   "images_per_s": 60.0}]}))
     generator = tmp_path / "generator-x.json"
     generator.write_text(json.dumps({"machine": "cpu-2core", "ours_images_per_s": 40.0,
-                                     "settings": {"model": "tiny", "steps": 4}}))
+                                     "settings": {"model": "toy", "steps": 4}}))
     code, out, _ = run_plan(capsys, "--config", "cpu_demo", "--gpus", "2",
                             "--from-results", str(trainer), str(generator))
     assert code == 0 and f"[measured: {trainer} on cpu-2core]" in out
     assert "40 images/s per GPU" in out and "ESTIMATED" not in out
     code, _, err = run_plan(capsys, "--config", "cpu_demo", "model.image_size=64",
                             "--from-results", str(trainer))
-    assert code == 2 and "no deepspeed row for model.backbone=vit_tiny_patch16_224" in err
+    assert code == 2 and "no deepspeed row for model.backbone=resnet10t" in err
     code, _, err = run_plan(capsys, "--config", "cpu_demo", "generator.steps=8",
                             "--from-results", str(generator))
     assert code == 2 and "measured steps=4, the config has generator.steps=8" in err

@@ -32,6 +32,7 @@ class OneBatch:
     def metrics(self): return {}
     def state_dict(self): return {}
     def load_state_dict(self, state): pass
+    def snapshot(self, contents): return self.buffer.state_dict(contents), {}
     def close(self): pass
 
 single_process_env()

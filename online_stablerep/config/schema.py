@@ -176,8 +176,8 @@ class GeneratorConfig:
     # Named set of speed levers (config/recipes.py): "" (none: every key as given), "paper",
     # "fast" or "turbo". Keys given explicitly (preset or override) win over the recipe's.
     recipe: str = ""
-    # Diffusers checkpoint (local dir or hub id) or a random-weight architecture:
-    # "tiny", "sd15", "sd21", "sdxl".
+    # Diffusers checkpoint (local dir or hub id), "toy" (the trained toy model shipped in the
+    # package, docs/toy-model.md) or a random-weight architecture: "tiny", "sd15", "sd21", "sdxl".
     model: str = "sd15"
     # Scheduler: "dpm++", "unipc", "euler", "ddim", "lcm", "tcd".
     scheduler: str = "dpm++"
@@ -237,7 +237,7 @@ class GeneratorConfig:
 @dataclass
 class CaptionsConfig:
     # Caption corpus: a .txt/.csv/.tsv/.parquet file or a directory of them ("" = the packaged
-    # demo captions).
+    # demo captions; "toy" / "toy_colours" = the packaged captions of the toy model's world).
     path: str = ""
     # Column holding the caption in .csv/.tsv/.parquet files.
     column: str = "caption"

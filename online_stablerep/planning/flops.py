@@ -85,10 +85,11 @@ class DiffusionFlops:
 
 @functools.cache
 def count_diffusion_flops(architecture: str, resolution: int = 0) -> DiffusionFlops:
-    """Count the FLOPs of a named random-weight architecture ("sd15", "sd21", "sdxl", "tiny").
+    """Count the FLOPs of a named random-weight architecture ("sd15", "sd21", "sdxl", "tiny") or
+    of the shipped toy model ("toy", whose architecture is known without loading it).
 
     Args:
-        architecture: a key of `producers.architectures.ARCHITECTURES`.
+        architecture: a key of `producers.architectures.ARCHITECTURES`, or "toy".
         resolution: image side in pixels; 0 = the architecture's native size.
 
     Raises:
@@ -98,14 +99,16 @@ def count_diffusion_flops(architecture: str, resolution: int = 0) -> DiffusionFl
     from online_stablerep.producers.architectures import ARCHITECTURES
     from online_stablerep.producers.artefacts import random_tiny_vae
     from online_stablerep.producers.feature_cache import DeepCacheUNet
+    from online_stablerep.toy.models import build_parts
 
-    if architecture not in ARCHITECTURES:
+    builders = {**ARCHITECTURES, "toy": build_parts}
+    if architecture not in builders:
         raise ValueError(
             f"generator.model={architecture!r}: FLOPs can only be counted for the named "
-            f"architectures ({', '.join(ARCHITECTURES)}); pass a measured --gen-images-per-s"
+            f"architectures ({', '.join(builders)}); pass a measured --gen-images-per-s"
         )
     with torch.device("meta"), torch.no_grad():
-        parts = ARCHITECTURES[architecture]()
+        parts = builders[architecture]()
         unet, vae = parts["unet"], parts["vae"]
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         resolution = resolution or int(unet.config.sample_size) * scale

@@ -28,9 +28,23 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".txt", ".csv", ".tsv", ".parquet")
 
 
+# Caption files shipped with the package, by the name `captions.path` may give instead of a path.
+PACKAGED_CORPORA: dict[str, str] = {
+    "demo": "demo_captions.txt",
+    # The toy model's world (docs/toy-model.md): its categories, and the same with colour words.
+    "toy": "toy_captions.txt",
+    "toy_colours": "toy_captions_colours.txt",
+}
+
+
+def packaged_captions_path(name: str) -> Path:
+    """The path of a caption file shipped with the package."""
+    return Path(str(resources.files("online_stablerep") / "data" / PACKAGED_CORPORA[name]))
+
+
 def demo_captions_path() -> Path:
     """The caption file shipped with the package (used when `captions.path` is empty)."""
-    return Path(str(resources.files("online_stablerep") / "data" / "demo_captions.txt"))
+    return packaged_captions_path("demo")
 
 
 class _BadRow(ValueError):
@@ -152,14 +166,18 @@ class CaptionSource:
 
     @classmethod
     def open(cls, cfg: CaptionsConfig) -> CaptionSource:
-        """Index and validate the corpus at `cfg.path` (empty: the packaged demo captions).
+        """Index and validate the corpus at `cfg.path` (empty: the packaged demo captions; a name
+        in PACKAGED_CORPORA: that packaged file).
 
         Raises:
             ValueError: naming the file and line (or row) of a missing file, an empty corpus, a
                 missing column, undecodable bytes or an empty caption (bad rows are skipped and
                 counted instead when `cfg.skip_bad_rows`).
         """
-        root = Path(cfg.path) if cfg.path else demo_captions_path()
+        if cfg.path in PACKAGED_CORPORA:
+            root = packaged_captions_path(cfg.path)
+        else:
+            root = Path(cfg.path) if cfg.path else demo_captions_path()
         if root.is_dir():
             paths = sorted(p for p in root.iterdir() if p.suffix in SUFFIXES and p.is_file())
         elif root.is_file():

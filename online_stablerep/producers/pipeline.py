@@ -12,6 +12,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,11 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Trained models shipped inside the package, by name; they load like any diffusers folder.
+SHIPPED_MODELS: dict[str, Path] = {
+    "toy": Path(__file__).resolve().parent.parent / "data" / "toy_sd",
+}
 
 
 @dataclass
@@ -99,8 +105,8 @@ def _load_checkpoint(model: str, dtype: torch.dtype) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ValueError(
             f"generator.model={model!r}: no diffusers pipeline could be loaded from it ({err}). "
-            f"Give a local diffusers folder, a hub id, or one of {', '.join(ARCHITECTURES)} "
-            "for random weights"
+            f"Give a local diffusers folder, a hub id, {', '.join(SHIPPED_MODELS)} for a model "
+            f"shipped in the package, or one of {', '.join(ARCHITECTURES)} for random weights"
         ) from err
     parts: dict[str, Any] = {
         "unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
@@ -150,9 +156,10 @@ def _set_attention(modules: list[torch.nn.Module], backend: str) -> None:
 
 
 def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Components:
-    """Load `cfg.model` (checkpoint dir, hub id, or architecture name) onto `device`, with the
-    speed levers of `cfg` applied: distilled UNet or fused LoRA adapter (keeping the base UNet
-    when generator.base_steps > 0), tiny VAE, fused QKV, DeepCache, torch.compile.
+    """Load `cfg.model` (checkpoint dir, hub id, shipped model or architecture name) onto
+    `device`, with the speed levers of `cfg` applied: distilled UNet or fused LoRA adapter
+    (keeping the base UNet when generator.base_steps > 0), tiny VAE, fused QKV, DeepCache,
+    torch.compile.
 
     Raises:
         ValueError: naming the key, for a tokenizer with the wrong vocabulary or an artefact
@@ -160,8 +167,10 @@ def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Compon
     """
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    parts = _build_random(cfg.model) if cfg.model in ARCHITECTURES else _load_checkpoint(
-        cfg.model, dtype)
+    if cfg.model in ARCHITECTURES:
+        parts = _build_random(cfg.model)
+    else:
+        parts = _load_checkpoint(str(SHIPPED_MODELS.get(cfg.model, cfg.model)), dtype)
     vae = parts["vae"]
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     base_unet = copy.deepcopy(parts["unet"]) if cfg.base_steps > 0 else None

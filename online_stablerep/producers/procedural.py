@@ -156,11 +156,16 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)
 
 
-def _render_chunk(
+def render_alpha(
     seed: int, num_maps: int, num_points: int, render_size: int,
     categories: Sequence[int], indices: Sequence[int],
-) -> np.ndarray:
-    """(B, 3, R, R) float32 renders in [0, 1] of (category, image index) pairs."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shape and colours of (category, image index) renders, before compositing.
+
+    Returns:
+        (B, 1, R, R) float32 opacity in [0, 1] and (B, 2, 3) float32 RGB colours
+        (foreground, background). The render is `bg + alpha * (fg - bg)`.
+    """
     ifs = [category_ifs(seed, c, num_maps) for c in categories]
     steps = math.ceil(num_points / _CHAINS)
     num_images = len(categories)
@@ -201,7 +206,15 @@ def _render_chunk(
     flat = (np.arange(num_images)[:, None] * render_size + row) * render_size + col
     counts = np.bincount(flat[inside], minlength=num_images * render_size**2)
     counts = np.minimum(counts, _ALPHA.size - 1).reshape(num_images, 1, render_size, render_size)
-    alpha = _ALPHA[counts]
+    return _ALPHA[counts], colour
+
+
+def _render_chunk(
+    seed: int, num_maps: int, num_points: int, render_size: int,
+    categories: Sequence[int], indices: Sequence[int],
+) -> np.ndarray:
+    """(B, 3, R, R) float32 renders in [0, 1] of (category, image index) pairs."""
+    alpha, colour = render_alpha(seed, num_maps, num_points, render_size, categories, indices)
     fg, bg = colour[:, 0, :, None, None], colour[:, 1, :, None, None]
     return bg + alpha * (fg - bg)
 

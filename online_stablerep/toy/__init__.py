@@ -1,0 +1,1 @@
+"""The toy text-to-image model of the procedural world: its captions, components and training."""
