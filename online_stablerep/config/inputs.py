@@ -70,10 +70,12 @@ def _looks_like_path(text: str) -> bool:
 
 def _check_generator_model(cfg: Config) -> None:
     from online_stablerep.config.validate import RANDOM_ARCHITECTURES
+    from online_stablerep.producers.pipeline import SHIPPED_MODELS
 
     model = cfg.generator.model
     if model not in RANDOM_ARCHITECTURES:
-        folder = Path(model).expanduser()
+        # A shipped model (e.g. "toy") is checked as the folder it names.
+        folder = Path(SHIPPED_MODELS.get(model, model)).expanduser()
         if folder.exists():
             _require((folder / "model_index.json").is_file(),
                      f"generator.model={model!r}: not a diffusers folder (no model_index.json): "
