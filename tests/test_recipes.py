@@ -216,7 +216,8 @@ def test_each_recipe_generates_a_group_through_the_producer(tmp_path, artefacts,
     # the adapter and VAE made for it.
     overrides = [f"generator.recipe={recipe}", "generator.compile=false",
                  f"captions.path={captions}", "producer.captions_per_call=2",
-                 "producer.images_per_caption=2", "producer.output_size=32"]
+                 "producer.images_per_caption=2", "producer.output_size=32",
+                 "batch.views_per_caption=2", "generator.model=tiny"]
     if RECIPES[recipe].levers["lora"]:
         overrides += [f"generator.lora={artefacts['lora']}", "generator.lora_weight_name=''"]
     if RECIPES[recipe].levers["tiny_vae"]:
