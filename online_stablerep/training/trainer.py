@@ -214,18 +214,19 @@ class Trainer:
 
     def _write_audit(self) -> None:
         buffer = self.source.buffer
+        stats = buffer.stats()
         audit = {
             "rank": self.rank,
             "batches": self.audit_batches,
             "views_per_caption": self.k,
             "max_reuse": buffer.max_reuse,
             "uses": [[*key, uses] for key, uses in (buffer.uses_by_key or {}).items()],
-            "held_unused": buffer.stats()["unused"],
+            "held_unused": stats["unused"],
             "min_pool": buffer.min_pool,
             # How well batches mixed: mean fraction repeated from the previous batch, mean
             # steps between a retired group's first and last use.
-            "batch_overlap": buffer.stats()["batch_overlap"],
-            "use_spread_steps": buffer.stats()["use_spread_steps"],
+            "batch_overlap": stats["batch_overlap"],
+            "use_spread_steps": stats["use_spread_steps"],
             "counters": buffer.counters(),
         }
         path = Path(self.cfg.output_dir) / "audit" / f"trainer_rank{self.rank}.json"
