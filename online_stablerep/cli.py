@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "train": "Train (one rank of a deepspeed launch, or a single process).",
     "generate": "Generate a preview grid of caption groups.",
     "probe": "Linear probe and k-NN of a trained encoder.",
+    "export": "Write the trained backbone as timm loads it (safetensors + config.json).",
     "plan": "Recommend the split of generator and trainer GPUs.",
     "train-toy-generator": "Train the toy text-to-image model of the procedural world.",
 }
