@@ -128,6 +128,38 @@ def _check_eval(cfg: Config) -> None:
                  "with train/ and val/, 'procedural', or eval.probe_at_end=false)")
 
 
+def _check_real_images(cfg: Config, trainers: int) -> None:
+    """The real image source of `mix.*`: it exists, holds images for every trainer, and the first
+    sample of every shard (or the first image) decodes."""
+    if cfg.mix.real_fraction == 0:
+        return
+    from online_stablerep.training import real_images as real
+
+    path = cfg.mix.real_path
+    _require(Path(path).expanduser().exists() or bool(real.shard_files(path)),
+             f"mix.real_path={path!r}: no such folder or matching .tar shards")
+    try:
+        if real.is_image_folder(path):
+            source = real.ImageFolderSource(path, cfg.mix.caption_template)
+            count = len(source)
+            next(source.epoch(0, 0, 1, 0, cfg.producer.output_size))
+        else:
+            source = real.ShardSource(path)
+            count = 0
+            for shard in source.files:
+                samples = real.shard_samples(shard)
+                first = next(samples, None)
+                _require(first is not None, f"mix.real_path: shard {shard} holds no sample")
+                real.decode_shard_sample(shard, *first, cfg.producer.output_size)
+                # Counting reads whole shards: only where few shards could leave a trainer none.
+                count += 1 + (sum(1 for _ in samples) if len(source.files) < trainers else 0)
+    except real.RealImageError as err:
+        raise InputError(str(err)) from None
+    _require(count >= trainers,
+             f"mix.real_path={path!r}: {count} images cannot be shared by {trainers} trainer "
+             "ranks (each needs at least one)")
+
+
 def check_inputs(cfg: Config, world_size: int, local_world_size: int | None = None) -> Roles:
     """Check what `cfg` points at for a job of `world_size` ranks; returns the job's roles.
 
@@ -152,5 +184,6 @@ def check_inputs(cfg: Config, world_size: int, local_world_size: int | None = No
         _require(cfg.procedural.num_categories >= producers,
                  f"procedural.num_categories={cfg.procedural.num_categories} cannot be split "
                  f"across {producers} producers")
+    _check_real_images(cfg, roles.num_trainers)
     _check_eval(cfg)
     return roles

@@ -321,6 +321,18 @@ class EvalConfig:
 
 
 @dataclass
+class MixConfig:
+    # Share of each trainer batch's caption groups that are real images (0 = synthetic only).
+    # A real image is a group of one image whose k views are k augmentations (SimCLR positives).
+    real_fraction: float = 0.0
+    # Real image-caption source: an ImageFolder root (<root>/<class>/<image>, the caption made
+    # from the folder name) or a WebDataset shard glob/folder (image + "txt" caption per sample).
+    real_path: str = ""
+    # Caption of an ImageFolder image: the folder name ("_" read as a space) put in here.
+    caption_template: str = "a photo of a {}"
+
+
+@dataclass
 class Config:
     # Where the run writes config, checkpoints, TensorBoard events and results.
     output_dir: str = "runs/default"
@@ -343,3 +355,4 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mix: MixConfig = field(default_factory=MixConfig)

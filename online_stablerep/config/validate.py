@@ -164,6 +164,28 @@ def validate(cfg: Config) -> None:
     _require(all(x >= 0 for x in e.weight_decays), "eval.weight_decays", "must be >= 0")
     _require(e.epochs >= 1, "eval.epochs", "must be >= 1")
     _require(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    _validate_mix(cfg)
+
+
+def real_groups_per_batch(cfg: Config) -> int:
+    """Caption groups of each batch that are real images: mix.real_fraction of n, rounded."""
+    return round(cfg.mix.real_fraction * cfg.batch.captions_per_batch)
+
+
+def _validate_mix(cfg: Config) -> None:
+    mix, n = cfg.mix, cfg.batch.captions_per_batch
+    _require(0.0 <= mix.real_fraction < 1.0, "mix.real_fraction",
+             f"{mix.real_fraction} not in [0, 1) (some of each batch must be generated)")
+    if mix.real_fraction == 0:
+        return
+    _require(bool(mix.real_path), "mix.real_path",
+             "must name an ImageFolder root or WebDataset shards when mix.real_fraction > 0")
+    real = real_groups_per_batch(cfg)
+    _require(1 <= real < n, "mix.real_fraction",
+             f"{mix.real_fraction} of batch.captions_per_batch={n} rounds to {real} real "
+             f"groups: need between 1 and {n - 1}")
+    _require("{}" in mix.caption_template, "mix.caption_template",
+             f"{mix.caption_template!r} has no {{}} for the folder name")
 
 
 def _local_path_missing(value: str) -> bool:

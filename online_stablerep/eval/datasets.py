@@ -47,19 +47,23 @@ class TensorImages:
             yield self.images_nchw[lo : lo + batch_size]
 
 
+def square_image(img: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) uint8 RGB: shorter side resized to `size`, then centre-cropped."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    array = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) uint8: shorter side resized to `size`, then centre-cropped."""
+    """(3, size, size) uint8 of an image file (see square_image)."""
     with Image.open(path) as img:
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return square_image(img, size)
 
 
 class ImageFolderImages:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from online_stablerep.config import Config, ConfigError, save_config
 from online_stablerep.config.inputs import check_inputs
-from online_stablerep.config.validate import resolved_min_pool
+from online_stablerep.config.validate import real_groups_per_batch, resolved_min_pool
 from online_stablerep.distributed.env import default_device, local_world_size
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
@@ -74,15 +74,27 @@ def _trainer_source(
                           min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
                           seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit,
                           draw=cfg.replay.draw)
-    n, k = cfg.batch.captions_per_batch, cfg.batch.views_per_caption
+    k = cfg.batch.views_per_caption
+    # With real images mixed in, the producers fill the rest of each batch.
+    n = cfg.batch.captions_per_batch - real_groups_per_batch(cfg)
     if roles.colocated:
         shard, shards = roles.producer_shard(rank)
         producer = build_producer(cfg, shard, shards, rank, device)
         producer.start()
-        return ColocatedSource(producer, buffer, n, k)
-    from online_stablerep.training.hybrid_source import build_hybrid_source
+        source: BatchSource = ColocatedSource(producer, buffer, n, k)
+    else:
+        from online_stablerep.training.hybrid_source import build_hybrid_source
 
-    return build_hybrid_source(cfg, groups, buffer, stop)
+        source = build_hybrid_source(cfg, groups, buffer, stop, n)
+    if cfg.mix.real_fraction == 0:
+        return source
+    from online_stablerep.training.mixed_source import MixedSource
+    from online_stablerep.training.real_images import RealImageStream
+
+    trainers = roles.trainer_ranks
+    real = RealImageStream(cfg.mix.real_path, cfg.mix.caption_template,
+                           cfg.producer.output_size, trainers.index(rank), len(trainers), cfg.seed)
+    return MixedSource(source, real, real_groups_per_batch(cfg), k)
 
 
 def _plan_comparison(cfg: Config, roles: Roles) -> Callable[[dict[str, float]], str] | None:

@@ -134,10 +134,12 @@ class HybridSource:
 
 
 def build_hybrid_source(
-    cfg: Config, groups: JobGroups, buffer: ReplayBuffer, stop: threading.Event | None = None
+    cfg: Config, groups: JobGroups, buffer: ReplayBuffer, stop: threading.Event | None = None,
+    n: int | None = None,
 ) -> HybridSource:
-    """The HybridSource of this trainer rank, from `transport.*` and `batch.*`."""
+    """The HybridSource of this trainer rank, from `transport.*` and `batch.*`; `n` generated
+    groups per batch (default batch.captions_per_batch)."""
     t = cfg.transport
     receiver = Receiver(groups, buffer, t.credits_per_generator, t.timeout_s, t.startup_timeout_s)
-    return HybridSource(buffer, receiver, cfg.batch.captions_per_batch,
+    return HybridSource(buffer, receiver, n or cfg.batch.captions_per_batch,
                         cfg.batch.views_per_caption, t.timeout_s, t.startup_timeout_s, stop)

@@ -1,0 +1,185 @@
+"""Real image-caption pairs mixed into trainer batches (`mix.*`): an ImageFolder root, captions
+made from folder names, or WebDataset shards of an image and a "txt" caption per sample.
+
+Each trainer rank reads its own share (every num_shards-th image), in a fresh seeded order per
+epoch for an ImageFolder and in stored order for shards; its cursor (epoch, position) goes into
+checkpoints so a resumed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from online_stablerep.eval.datasets import IMAGE_EXTENSIONS, load_image, square_image
+
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SHARD_CAPTION_KEY = "txt"
+
+
+class RealImageError(ValueError):
+    """A real image source that cannot be read; the message names the file (and sample key)."""
+
+
+@dataclass
+class RealImage:
+    # (3, S, S) uint8.
+    image: torch.Tensor
+    caption: str
+    # Index of the image in the whole source (the same on every rank): unique per image.
+    uid: int
+
+
+def shard_files(path: str) -> list[Path]:
+    """The .tar files of a folder, or those matching a glob, sorted."""
+    root = Path(path).expanduser()
+    if root.is_dir():
+        return sorted(root.glob("*.tar"))
+    return sorted(Path(p) for p in glob.glob(str(root)) if p.endswith(".tar"))
+
+
+def is_image_folder(path: str) -> bool:
+    root = Path(path).expanduser()
+    return root.is_dir() and any(p.is_dir() for p in root.iterdir())
+
+
+class ImageFolderSource:
+    """<root>/<class>/<image>; caption = template filled with the class folder's name."""
+
+    def __init__(self, root: str, template: str) -> None:
+        self.root = Path(root).expanduser()
+        self.items: list[tuple[Path, str]] = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            caption = template.format(folder.name.replace("_", " "))
+            self.items += [(f, caption) for f in sorted(folder.iterdir())
+                           if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.items:
+            raise RealImageError(
+                f"mix.real_path={root!r}: no images in its class folders (extensions "
+                f"{', '.join(IMAGE_EXTENSIONS)})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def epoch(self, epoch: int, shard: int, num_shards: int, seed: int,
+              size: int) -> Iterator[RealImage]:
+        mine = list(range(shard, len(self.items), num_shards))
+        random.Random(seed * 1_000_003 + epoch).shuffle(mine)
+        for uid in mine:
+            path, caption = self.items[uid]
+            try:
+                image = load_image(path, size)
+            except OSError as err:
+                raise RealImageError(f"mix.real_path: cannot read image {path}: {err}") from None
+            yield RealImage(image, caption, uid)
+
+
+def shard_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each sample of one tar, grouped as WebDataset does."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    try:
+        with path.open("rb") as stream:
+            members = tar_file_expander([{"stream": stream, "url": str(path)}])
+            for sample in group_by_keys(members):
+                key = sample.pop("__key__")
+                yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
+    except (OSError, ValueError, tarfile.TarError) as err:
+        raise RealImageError(f"mix.real_path: cannot read shard {path}: {err}") from None
+
+
+def decode_shard_sample(path: Path, key: str, sample: dict[str, bytes],
+                        size: int) -> tuple[torch.Tensor, str]:
+    """(image, caption) of one real shard sample.
+
+    Raises:
+        RealImageError: naming the shard and sample key when the image or caption is missing
+            or the image cannot be decoded.
+    """
+    image_key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+    if image_key is None or SHARD_CAPTION_KEY not in sample:
+        raise RealImageError(
+            f"mix.real_path: shard {path} sample {key!r} has keys {sorted(sample)}: need an "
+            f"image ({'/'.join(SHARD_IMAGE_KEYS)}) and a caption ({SHARD_CAPTION_KEY})")
+    try:
+        with Image.open(io.BytesIO(sample[image_key])) as img:
+            image = square_image(img, size)
+    except OSError as err:
+        raise RealImageError(
+            f"mix.real_path: shard {path} sample {key!r}: cannot decode {image_key}: {err}"
+        ) from None
+    return image, sample[SHARD_CAPTION_KEY].decode("utf-8").strip()
+
+
+class ShardSource:
+    """WebDataset tar shards with an image and a "txt" caption per sample."""
+
+    def __init__(self, path: str) -> None:
+        self.files = shard_files(path)
+        if not self.files:
+            raise RealImageError(f"mix.real_path={path!r}: no .tar shards there")
+
+    def epoch(self, epoch: int, shard: int, num_shards: int, seed: int,
+              size: int) -> Iterator[RealImage]:
+        uid = 0
+        for path in self.files:
+            for key, sample in shard_samples(path):
+                if uid % num_shards == shard:
+                    image, caption = decode_shard_sample(path, key, sample, size)
+                    yield RealImage(image, caption, uid)
+                uid += 1
+
+
+class RealImageStream:
+    """This trainer rank's endless stream of real images, epoch after epoch, resumable."""
+
+    def __init__(self, path: str, template: str, size: int, shard: int, num_shards: int,
+                 seed: int) -> None:
+        self.source = ImageFolderSource(path, template) if is_image_folder(path) else (
+            ShardSource(path))
+        self.size, self.shard, self.num_shards, self.seed = size, shard, num_shards, seed
+        self.epoch, self.position = 0, 0
+        self._iter: Iterator[RealImage] | None = None
+
+    def _open(self) -> None:
+        self._iter = self.source.epoch(self.epoch, self.shard, self.num_shards, self.seed,
+                                       self.size)
+        for _ in range(self.position):
+            next(self._iter)
+
+    def take(self, count: int) -> list[RealImage]:
+        """The next `count` images; an epoch that ends midway starts the next one."""
+        if self._iter is None:
+            self._open()
+        images: list[RealImage] = []
+        empty_epochs = 0
+        while len(images) < count:
+            item = next(self._iter, None)
+            if item is None:
+                empty_epochs = empty_epochs + 1 if self.position == 0 else 0
+                if empty_epochs > 1:
+                    raise RealImageError(
+                        f"mix.real_path: trainer share {self.shard} of {self.num_shards} holds "
+                        "no image: give more images than trainer ranks")
+                self.epoch, self.position = self.epoch + 1, 0
+                self._open()
+                continue
+            self.position += 1
+            images.append(item)
+        return images
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._iter = None
