@@ -49,7 +49,10 @@ def check_accounting(out: Path, trainers: int, generators: int) -> None:
         received_total += counters["groups_added"]
         # random draws from a pool of 16: about n / P * (1 - 1 / R) = 1/4 repeated
         expected = N / 16 * (1 - 1 / R)
-        assert abs(batch_overlap(a["batches"]) - expected) < 0.15, a["batches"]
+        # (0.2: 15 batch pairs of 8 give a standard error near 0.05, and arrival timing under
+        # load moves the pool's make-up; a sequential draw would sit far outside)
+        overlap = batch_overlap(a["batches"])
+        assert abs(overlap - expected) < 0.2, (overlap, expected, a["batches"])
         assert a["batch_overlap"] == pytest.approx(batch_overlap(a["batches"]))
     # only groups in flight at the stop can be lost: bounded by the credit granted
     assert 0 <= len(sent) - received_total <= 4 * trainers * generators

@@ -71,9 +71,15 @@ def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
     # A learning rate this large blows the weights up within a few steps.
     blowup = ["optim.lr=1e30", "optim.warmup_steps=0", "train.steps=6"]
     result = run_cli(["train", "--config", "cpu_procedural", f"output_dir={tmp_path / 'stop'}",
-                      *TINY_PROCEDURAL, *blowup])
+                      *TINY_PROCEDURAL, *blowup, "train.checkpoint_every=1"])
     assert result.returncode == 1
     assert "non-finite loss" in result.stderr and "at step" in result.stderr
+    # Losses are read back lazily, but always before a checkpoint: none holds the bad step.
+    import re
+
+    bad_step = int(re.search(r"at step (\d+)", result.stderr).group(1))
+    saved = [int(p.name[5:]) for p in (tmp_path / "stop" / "checkpoints").glob("step_*")]
+    assert saved and max(saved) < bad_step
     skip = run_cli(["train", "--config", "cpu_procedural", f"output_dir={tmp_path / 'skip'}",
                     *TINY_PROCEDURAL, *blowup, "train.steps=40", "train.on_nonfinite=skip"])
     assert "skipping step" in skip.stdout

@@ -29,6 +29,10 @@ class JobGroups:
     # World-wide gloo group carrying credits and control messages, apart from payloads so the
     # two threads that use them never interleave on one group.
     control: dist.ProcessGroup | None
+    # Trainer group on gloo for host-side flags (stream end, stop): agreeing on them must not
+    # wait for the device's queued work, as an NCCL all-reduce read back with .item() would.
+    # The trainer group itself on CPU jobs; None on generator ranks.
+    trainer_host: dist.ProcessGroup | None = None
 
 
 def init_distributed(device: torch.device, timeout_s: float) -> None:
@@ -84,6 +88,9 @@ def create_groups(roles: Roles, device: torch.device, timeout_s: float) -> JobGr
         group = dist.new_group([r], backend=comm_backend(device), timeout=timeout)
         if r == rank:
             model_parallel = group
+    trainer_host = trainer
+    if device.type != "cpu":
+        trainer_host = dist.new_group(roles.trainer_ranks, backend="gloo", timeout=timeout)
     data_plane = control = None
     if not roles.colocated:
         everyone = list(range(roles.world_size))
@@ -97,6 +104,7 @@ def create_groups(roles: Roles, device: torch.device, timeout_s: float) -> JobGr
         model_parallel=model_parallel,
         data_plane=data_plane,
         control=control,
+        trainer_host=trainer_host if is_trainer else None,
     )
 
 

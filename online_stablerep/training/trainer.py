@@ -152,6 +152,8 @@ class Trainer:
             self.engine.enable_backward_allreduce = False
         self.step = 0
         self.losses: list[float] = []
+        # (step, global mean loss on the device) not yet read back: see _flush_losses.
+        self._pending: list[tuple[int, torch.Tensor]] = []
         # Caption ids of every batch, in group order (train.audit).
         self.audit_batches: list[list[int]] = []
         # Views trained and images received at the previous log step (implied reuse).
@@ -258,17 +260,34 @@ class Trainer:
         went on alone would wait forever in the gradient all-reduce."""
         if self.world == 1:
             return have, stop
-        flags = torch.tensor([float(have), float(not stop)], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flags[0].item()), not bool(flags[1].item())
+        # Host flags over the gloo trainer group: no wait for the device's queued work.
+        flags = torch.tensor([float(have), float(not stop)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.groups.trainer_host)
+        return bool(flags[0]), not bool(flags[1])
 
-    def _global_mean(self, value: torch.Tensor) -> float:
-        """Mean of a scalar over the trainer group, so every rank takes the same decision."""
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a scalar over the trainer group, left on the device (no host sync)."""
         value = value.detach().float().reshape(1).clone()
         if self.world > 1:
             dist.all_reduce(value, group=self.group)
             value /= self.world
-        return float(value.item())
+        return value
+
+    def _flush_losses(self) -> None:
+        """Read the pending losses back in one host sync (at log steps, checkpoints and the
+        end); a non-finite one stops the run naming its step, before any checkpoint holds it."""
+        if not self._pending:
+            return
+        values = torch.cat([loss for _, loss in self._pending]).tolist()
+        for (step, _), value in zip(self._pending, values, strict=True):
+            if not math.isfinite(value):
+                self._pending.clear()
+                raise NonFiniteLossError(
+                    f"non-finite loss {value} at step {step} "
+                    "(train.on_nonfinite=skip drops such steps instead)"
+                )
+            self.losses.append(value)
+        self._pending.clear()
 
     def _log(self, terms: dict[str, torch.Tensor], loss: float, t0: float, idle0: float,
              steps: int) -> None:
@@ -339,15 +358,11 @@ class Trainer:
             if not have:
                 stopped = "stopped by a signal" if stop else "stream ended"
                 break
-            # 2. Forward and the loss, agreed on by every trainer rank.
+            # 2. Forward and the loss, agreed on by every trainer rank. It stays on the device
+            # (read back at log steps) unless a non-finite loss must skip its step.
             terms = self._forward_loss(batch)
-            loss = self._global_mean(terms["loss"])
-            if not math.isfinite(loss):
-                if cfg.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss {loss} at step {self.step + 1} "
-                        "(train.on_nonfinite=skip drops such steps instead)"
-                    )
+            mean_loss = self._global_mean(terms["loss"])
+            if cfg.on_nonfinite == "skip" and not math.isfinite(loss := mean_loss.item()):
                 skipped += 1
                 if skipped > MAX_CONSECUTIVE_SKIPS:
                     raise NonFiniteLossError(
@@ -364,17 +379,20 @@ class Trainer:
             self.engine.module.clamp_logit_scale()
             self.step += 1
             steps_since += 1
-            self.losses.append(loss)
+            self._pending.append((self.step, mean_loss))
             if cfg.audit:
                 self.audit_batches.append(batch.caption_ids[: batch.captions_per_batch].tolist())
             # 4. Monitoring and checkpoints.
             if self.step % cfg.log_every == 0 or self.step == end:
-                self._log(terms, loss, t0, idle0, steps_since)
+                self._flush_losses()
+                self._log(terms, self.losses[-1], t0, idle0, steps_since)
                 t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
             if self.rank == 0 and cfg.image_grid_every and self.step % cfg.image_grid_every == 0:
                 self._grid(batch)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self._flush_losses()
                 last_ckpt = self.save()
+        self._flush_losses()
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
             last_ckpt = self.save()
         if cfg.audit:
