@@ -56,7 +56,9 @@ def tensorboard_tags(log_dir: Path) -> set[str]:
     return set(tags["scalars"]) | set(tags["images"])
 
 
-def batch_overlap(batches: list[list[int]]) -> float:
-    """Mean fraction of a batch's caption ids that were in the previous batch (from an audit)."""
+def batch_overlap(batches: list[list]) -> float:
+    """Mean fraction of a batch's groups that were in the previous batch, from an audit's
+    `batch_keys` ((caption id, epoch, producer rank) per group)."""
+    batches = [[tuple(key) for key in batch] for batch in batches]
     pairs = list(zip(batches[:-1], batches[1:], strict=True))
     return sum(len(set(a) & set(b)) / len(b) for a, b in pairs) / len(pairs)

@@ -47,13 +47,12 @@ def check_accounting(out: Path, trainers: int, generators: int) -> None:
         # every group a trainer received was trained on or is still held unused
         assert counters["groups_added"] == len(uses) + a["held_unused"]
         received_total += counters["groups_added"]
-        # random draws from a pool of 16: about n / P * (1 - 1 / R) = 1/4 repeated
+        # Random draws from a pool of 16 repeat at most about n / P * (1 - 1 / R) = 1/4 of a
+        # batch; fast generators replace used groups sooner, so less (a bound, not a value).
         expected = N / 16 * (1 - 1 / R)
-        # (0.2: 15 batch pairs of 8 give a standard error near 0.05, and arrival timing under
-        # load moves the pool's make-up; a sequential draw would sit far outside)
-        overlap = batch_overlap(a["batches"])
-        assert abs(overlap - expected) < 0.2, (overlap, expected, a["batches"])
-        assert a["batch_overlap"] == pytest.approx(batch_overlap(a["batches"]))
+        overlap = batch_overlap(a["batch_keys"])
+        assert overlap < expected + 0.15, (overlap, expected, a["batch_keys"])
+        assert a["batch_overlap"] == pytest.approx(batch_overlap(a["batch_keys"]))
     # only groups in flight at the stop can be lost: bounded by the credit granted
     assert 0 <= len(sent) - received_total <= 4 * trainers * generators
 

@@ -52,7 +52,7 @@ def test_colocated_batches_are_random_draws_from_the_pool(tmp_path):
           "procedural.num_categories=200")  # caption ids must not repeat within the pool
     audit = json.loads((tmp_path / "audit" / "trainer_rank0.json").read_text())
     assert audit["min_pool"] == 32
-    overlap = batch_overlap(audit["batches"])
+    overlap = batch_overlap(audit["batch_keys"])
     assert 0.05 < overlap < 0.3, audit["batches"]
     assert audit["batch_overlap"] == pytest.approx(overlap)
     assert audit["use_spread_steps"] >= 6  # a group's 4 uses are spread out, not back to back

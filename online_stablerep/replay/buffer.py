@@ -89,7 +89,8 @@ class ReplayBuffer:
         # How well batches mix: caption ids of the previous batch, the summed fraction of each
         # batch repeated from the one before, and first-to-last-use spreads of retired groups.
         self.batches = 0
-        self._previous_ids: list[int] = []
+        # Group keys of the newest batch (the overlap figure; audits record them).
+        self.last_batch_keys: list[GroupKey] = []
         self.overlap_sum = 0.0
         self.spread_sum = 0
         self.retired_used = 0
@@ -226,9 +227,12 @@ class ReplayBuffer:
                 if self.uses_by_key is not None:
                     self.uses_by_key[group_key(slot.group)] += 1
             ids = [s.group.caption_id for s in chosen]
+            # Overlap counts groups (the same images), not caption ids: a small corpus repeats
+            # its captions every epoch in new groups, which is not a repeated batch.
+            keys = [group_key(s.group) for s in chosen]
             if self.batches > 0:
-                self.overlap_sum += len(set(ids) & set(self._previous_ids)) / n
-            self._previous_ids = ids
+                self.overlap_sum += len(set(keys) & set(self.last_batch_keys)) / n
+            self.last_batch_keys = keys
             self.batches += 1
             self.last_batch_age_s = sum(now - s.group.created_at for s in chosen) / n
             for slot in self._slots:
@@ -248,7 +252,7 @@ class ReplayBuffer:
 
     def stats(self) -> dict[str, float]:
         """Figures for the `buffer/` TensorBoard namespace. `batch_overlap` is the mean
-        fraction of a batch's captions that were in the previous batch, `use_spread_steps`
+        fraction of a batch's caption groups that were in the previous batch, `use_spread_steps`
         the mean steps between a retired group's first and last use (run means)."""
         with self._lock:
             return {
@@ -281,7 +285,7 @@ class ReplayBuffer:
         with self._lock:
             state = {"counters": self.counters(), "generator": self._generator.get_state(),
                      "arrivals": self._arrivals, "overlap_sum": self.overlap_sum,
-                     "previous_ids": list(self._previous_ids)}
+                     "previous_keys": list(self.last_batch_keys)}
             if with_contents:
                 state["slots"] = [(s.group, s.uses, s.added_at, s.order, s.first_use, s.last_use)
                                   for s in self._slots]
@@ -294,7 +298,7 @@ class ReplayBuffer:
             self._generator.set_state(state["generator"])
             self._arrivals = int(state["arrivals"])
             self.overlap_sum = float(state.get("overlap_sum", 0.0))
-            self._previous_ids = list(state.get("previous_ids", []))
+            self.last_batch_keys = [tuple(k) for k in state.get("previous_keys", [])]
             if "slots" in state:
                 self._slots = [_Slot(*fields) for fields in state["slots"]]
             self._lock.notify_all()

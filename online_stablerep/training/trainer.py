@@ -156,6 +156,8 @@ class Trainer:
         self._pending: list[tuple[int, torch.Tensor]] = []
         # Caption ids of every batch, in group order (train.audit).
         self.audit_batches: list[list[int]] = []
+        # The generated groups of each batch as (caption id, epoch, producer rank).
+        self.audit_batch_keys: list[list[tuple[int, int, int]]] = []
         # Views trained and images received at the previous log step (implied reuse).
         self._balance0: tuple[int, int] | None = None
         self.advisor = BalanceAdvisor()
@@ -220,6 +222,7 @@ class Trainer:
         audit = {
             "rank": self.rank,
             "batches": self.audit_batches,
+            "batch_keys": self.audit_batch_keys,
             "views_per_caption": self.k,
             "max_reuse": buffer.max_reuse,
             "uses": [[*key, uses] for key, uses in (buffer.uses_by_key or {}).items()],
@@ -382,6 +385,7 @@ class Trainer:
             self._pending.append((self.step, mean_loss))
             if cfg.audit:
                 self.audit_batches.append(batch.caption_ids[: batch.captions_per_batch].tolist())
+                self.audit_batch_keys.append(list(self.source.buffer.last_batch_keys))
             # 4. Monitoring and checkpoints.
             if self.step % cfg.log_every == 0 or self.step == end:
                 self._flush_losses()
