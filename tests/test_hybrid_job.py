@@ -138,3 +138,19 @@ def test_generator_failing_to_build_reaches_the_trainer_with_its_reason(tmp_path
     assert wait_all(procs, timeout=120) == [1, 1], read_logs(logs)[-3000:]
     trainer_log = (logs / "rank0.log").read_text()
     assert "generator rank 1 failed" in trainer_log and "model folder vanished" in trainer_log
+
+
+def test_cpu_demo_preset_mixes_its_batches(tmp_path):
+    """The shipped demo itself (toy diffusion generator, n=8, R=4, auto pool 32): batches share
+    at most a third of their groups with the previous one and a group's uses spread out."""
+    out = tmp_path / "demo"
+    args = ["--config", "cpu_demo", f"output_dir={out}", "train.steps=60", "train.audit=true",
+            "train.log_every=20", "train.image_grid_every=0", "eval.probe_at_end=false"]
+    procs = start_ranks(2, args, tmp_path / "logs")
+    assert wait_all(procs, timeout=400) == [0, 0], read_logs(tmp_path / "logs")[-4000:]
+    audit = json.loads((out / "audit" / "trainer_rank0.json").read_text())
+    assert audit["min_pool"] == 32
+    overlap = batch_overlap(audit["batch_keys"])
+    # Theory for a full pool: 8 / 32 x 3 / 4 ~ 0.19 repeated, uses over ~12 steps.
+    assert 0.05 < overlap <= 1 / 3, overlap
+    assert audit["use_spread_steps"] >= 8, audit["use_spread_steps"]
