@@ -155,6 +155,23 @@ def test_bad_real_shards_are_named_before_training(tmp_path, case, expected):
     assert expected in str(err.value)
 
 
+def test_bad_real_samples_are_skipped_and_counted_when_asked(tmp_path):
+    samples = [{"__key__": f"s{i}", "png": _encode(_picture(i)), "txt": f"c{i}"}
+               for i in range(4)]
+    samples[1] = {"__key__": "junk", "png": b"not a png", "txt": "x"}
+    samples[2] = {"__key__": "nocap", "png": _encode(_picture(2))}
+    root = _real_shards(tmp_path / "shards", samples, per_shard=4)
+    cfg = _cfg(tmp_path, "mix.real_fraction=0.25", f"mix.real_path={root}",
+               "mix.skip_bad_samples=true")
+    check_inputs(cfg, 1)  # no error: the bad samples are skipped at run time
+    stream = RealImageStream(str(root), "{}", 16, 0, 1, seed=0, skip_bad=True)
+    assert [x.caption for x in stream.take(4)] == ["c0", "c3", "c0", "c3"]
+    assert stream.skipped == 4  # two bad samples, met in each of two epochs
+    strict = RealImageStream(str(root), "{}", 16, 0, 1, seed=0)
+    with pytest.raises(ValueError, match="sample 'junk'"):
+        strict.take(2)
+
+
 def test_bad_real_folders_are_named_before_training(tmp_path):
     missing = _cfg(tmp_path, "mix.real_fraction=0.25", f"mix.real_path={tmp_path / 'nope'}")
     with pytest.raises(InputError, match="no such folder"):

@@ -142,7 +142,8 @@ def _check_real_images(cfg: Config, trainers: int) -> None:
         if real.is_image_folder(path):
             source = real.ImageFolderSource(path, cfg.mix.caption_template)
             count = len(source)
-            next(source.epoch(0, 0, 1, 0, cfg.producer.output_size))
+            if not cfg.mix.skip_bad_samples:
+                next(source.epoch(0, 0, 1, 0, cfg.producer.output_size))
         else:
             source = real.ShardSource(path)
             count = 0
@@ -150,7 +151,8 @@ def _check_real_images(cfg: Config, trainers: int) -> None:
                 samples = real.shard_samples(shard)
                 first = next(samples, None)
                 _require(first is not None, f"mix.real_path: shard {shard} holds no sample")
-                real.decode_shard_sample(shard, *first, cfg.producer.output_size)
+                if not cfg.mix.skip_bad_samples:
+                    real.decode_shard_sample(shard, *first, cfg.producer.output_size)
                 # Counting reads whole shards: only where few shards could leave a trainer none.
                 count += 1 + (sum(1 for _ in samples) if len(source.files) < trainers else 0)
     except real.RealImageError as err:

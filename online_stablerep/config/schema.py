@@ -330,6 +330,9 @@ class MixConfig:
     real_path: str = ""
     # Caption of an ImageFolder image: the folder name ("_" read as a space) put in here.
     caption_template: str = "a photo of a {}"
+    # Skip (count and log as mix/skipped) real images that do not decode, samples without an
+    # image or caption, and the unreadable rest of a corrupt shard, instead of failing.
+    skip_bad_samples: bool = False
 
 
 @dataclass

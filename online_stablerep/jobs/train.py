@@ -93,7 +93,8 @@ def _trainer_source(
 
     trainers = roles.trainer_ranks
     real = RealImageStream(cfg.mix.real_path, cfg.mix.caption_template,
-                           cfg.producer.output_size, trainers.index(rank), len(trainers), cfg.seed)
+                           cfg.producer.output_size, trainers.index(rank), len(trainers), cfg.seed,
+                           skip_bad=cfg.mix.skip_bad_samples)
     return MixedSource(source, real, real_groups_per_batch(cfg), k)
 
 

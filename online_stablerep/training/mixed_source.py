@@ -67,7 +67,7 @@ class MixedSource:
         # The share of rows actually trained on that were real, over the run so far.
         share = self._real_rows / self._rows if self._rows else 0.0
         return {**self.inner.metrics(), "mix/real_share": share,
-                "mix/real_load_s": self._load_s}
+                "mix/real_load_s": self._load_s, "mix/skipped": float(self.real.skipped)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "real_images": self.real.state_dict()}

@@ -12,7 +12,7 @@ import glob
 import io
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,16 @@ def is_image_folder(path: str) -> bool:
     return root.is_dir() and any(p.is_dir() for p in root.iterdir())
 
 
+# Called with each unreadable image or shard rest when bad samples are skipped (None: raise).
+OnBad = Callable[[RealImageError], None] | None
+
+
+def _bad(err: RealImageError, on_bad: OnBad) -> None:
+    if on_bad is None:
+        raise err
+    on_bad(err)
+
+
 class ImageFolderSource:
     """<root>/<class>/<image>; caption = template filled with the class folder's name."""
 
@@ -70,8 +80,8 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.items)
 
-    def epoch(self, epoch: int, shard: int, num_shards: int, seed: int,
-              size: int) -> Iterator[RealImage]:
+    def epoch(self, epoch: int, shard: int, num_shards: int, seed: int, size: int,
+              on_bad: OnBad = None) -> Iterator[RealImage]:
         mine = list(range(shard, len(self.items), num_shards))
         random.Random(seed * 1_000_003 + epoch).shuffle(mine)
         for uid in mine:
@@ -79,7 +89,8 @@ class ImageFolderSource:
             try:
                 image = load_image(path, size)
             except OSError as err:
-                raise RealImageError(f"mix.real_path: cannot read image {path}: {err}") from None
+                _bad(RealImageError(f"mix.real_path: cannot read image {path}: {err}"), on_bad)
+                continue
             yield RealImage(image, caption, uid)
 
 
@@ -128,14 +139,27 @@ class ShardSource:
         if not self.files:
             raise RealImageError(f"mix.real_path={path!r}: no .tar shards there")
 
-    def epoch(self, epoch: int, shard: int, num_shards: int, seed: int,
-              size: int) -> Iterator[RealImage]:
+    def epoch(self, epoch: int, shard: int, num_shards: int, seed: int, size: int,
+              on_bad: OnBad = None) -> Iterator[RealImage]:
         uid = 0
         for path in self.files:
-            for key, sample in shard_samples(path):
+            samples = shard_samples(path)
+            while True:
+                try:
+                    key, sample = next(samples)
+                except StopIteration:
+                    break
+                except RealImageError as err:  # the unreadable rest of a corrupt shard
+                    _bad(err, on_bad)
+                    break
                 if uid % num_shards == shard:
-                    image, caption = decode_shard_sample(path, key, sample, size)
-                    yield RealImage(image, caption, uid)
+                    try:
+                        image, caption = decode_shard_sample(path, key, sample, size)
+                    except RealImageError as err:
+                        _bad(err, on_bad)
+                        image = None
+                    if image is not None:
+                        yield RealImage(image, caption, uid)
                 uid += 1
 
 
@@ -143,16 +167,25 @@ class RealImageStream:
     """This trainer rank's endless stream of real images, epoch after epoch, resumable."""
 
     def __init__(self, path: str, template: str, size: int, shard: int, num_shards: int,
-                 seed: int) -> None:
+                 seed: int, skip_bad: bool = False) -> None:
         self.source = ImageFolderSource(path, template) if is_image_folder(path) else (
             ShardSource(path))
         self.size, self.shard, self.num_shards, self.seed = size, shard, num_shards, seed
         self.epoch, self.position = 0, 0
+        # Unreadable samples skipped so far (mix.skip_bad_samples); the first is printed.
+        self.skipped = 0
+        self._on_bad = self._count if skip_bad else None
         self._iter: Iterator[RealImage] | None = None
+
+    def _count(self, err: RealImageError) -> None:
+        if self.skipped == 0:
+            print(f"skipping bad real samples (mix.skip_bad_samples=true), first: {err}",
+                  flush=True)
+        self.skipped += 1
 
     def _open(self) -> None:
         self._iter = self.source.epoch(self.epoch, self.shard, self.num_shards, self.seed,
-                                       self.size)
+                                       self.size, self._on_bad)
         for _ in range(self.position):
             next(self._iter)
 
