@@ -16,6 +16,7 @@ thread; the next `put` or `close` raises it as a SpillError naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -57,9 +58,10 @@ def _fsync_dir(folder: Path) -> None:
 
 def _describe(err: BaseException, path: Path) -> str:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return (f"cannot write shard {path}: no space left on device ({os.strerror(err.errno)}); "
-                "its complete samples are kept and recovered on resume: free space, then "
-                "resume=true")
+        what = "file too large (a file size limit)" if err.errno == errno.EFBIG else (
+            "no space left on device")
+        return (f"cannot write shard {path}: {what}; its complete samples are kept and "
+                "recovered on resume: free space, then resume=true")
     return f"cannot write shard {path}: {type(err).__name__}: {err}"
 
 
@@ -197,7 +199,9 @@ class ShardWriter:
         except BaseException as err:
             self._error = SpillError(_describe(err, self._path or self.directory))
             if file is not None:
-                file.close()
+                # Closing flushes the torn sample's buffered bytes, which fails the same way.
+                with contextlib.suppress(OSError):
+                    file.close()
 
     def _finish(self, file, tar: tarfile.TarFile) -> None:
         """Complete the current shard: end-of-archive blocks, fsync, rename into place."""
