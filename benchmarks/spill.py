@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS_DIR, write_results  # noqa: E402
+from online_stablerep.shards.writer import WRITER_NICENESS  # noqa: E402
 
 _256 = ["producer.output_size=256", "procedural.render_size=64"]
 # Producer scenarios: name -> (overrides on the cpu_procedural preset, seconds the producer
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary[f"{scenario} {field}"] = {"without": med[False], "with": med[True],
                                                   "ratio": med[True] / med[False]}
     settings = {"reps": args.reps, "calls": args.calls, "job_steps": args.job_steps,
-                "scenarios": SCENARIOS, "captions_per_call": 16}
+                "scenarios": SCENARIOS, "captions_per_call": 16,
+                "writer_niceness": WRITER_NICENESS}
     paths = write_results("spill", torch.device("cpu"), settings, summary, rows, args.out)
     for key, value in summary.items():
         print(f"{key}: without {value['without']:.1f}, with {value['with']:.1f} "

@@ -128,3 +128,19 @@ def test_full_disk_stops_the_job_naming_the_shard(tmp_path):
     assert result.returncode == 1, result.stderr[-2000:]
     assert "cannot write shard" in result.stderr and "rank00000-000000.tar.tmp" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_hybrid_generator_rank_spills_and_resumes_without_duplicates(tmp_path):
+    from tests.jobs import start_ranks, wait_all
+
+    shards, out = tmp_path / "shards", tmp_path / "run"
+    args = ["--config", "cpu_procedural", f"output_dir={out}", *TINY_PROCEDURAL,
+            "roles.generators=1", "train.checkpoint_every=0", "producer.captions_per_call=4",
+            f"export.shards_dir={shards}", "export.groups_per_shard=16", "train.steps=8"]
+    assert wait_all(start_ranks(2, [*args, "train.stop_after=4"], tmp_path / "a"), 300) == [0, 0]
+    first = keys(shards)
+    assert wait_all(start_ranks(2, [*args, "resume=true"], tmp_path / "b"), 300) == [0, 0]
+    written = keys(shards)
+    assert len(written) > len(first)
+    assert all(p.name.startswith("rank00001-") for p in shards.iterdir())  # the generator's
+    assert written == stream_keys(len(written))

@@ -85,7 +85,9 @@ def validate(cfg: Config) -> None:
              f"need at least 2 views per caption for positives, got {b.views_per_caption}")
     _require(p.images_per_caption >= 2, "producer.images_per_caption",
              f"need at least 2 images per caption, got {p.images_per_caption}")
-    _require(b.views_per_caption <= p.images_per_caption, "batch.views_per_caption",
+    # Stored groups (producer.kind=shards) bring their own image count, checked as read.
+    _require(p.kind == "shards" or b.views_per_caption <= p.images_per_caption,
+             "batch.views_per_caption",
              f"{b.views_per_caption} views > producer.images_per_caption={p.images_per_caption}")
     _require(b.captions_per_batch * b.views_per_caption >= 2, "batch.captions_per_batch",
              "a batch needs at least 2 rows")

@@ -52,7 +52,14 @@ class SpillingProducer:
             if seq is not None:
                 self._last_seq = seq
         self._calls.append((before, self._last_seq))
+        self._forget_written()
         return groups
+
+    def _forget_written(self) -> None:
+        """Drop the calls whose groups are all written (bounds memory between checkpoints)."""
+        durable = self.writer.durable
+        while self._calls and self._calls[0][1] <= durable:
+            self._calls.popleft()
 
     def next_groups(self) -> list[CaptionGroup]:
         """The wrapped producer's next groups, each queued for writing.
@@ -77,9 +84,7 @@ class SpillingProducer:
         if self._replay is not None:
             calls, target = self._replay
             return {**target, "spill": {"replay_from": self.inner.state_dict(), "calls": calls}}
-        durable = self.writer.durable
-        while self._calls and self._calls[0][1] <= durable:
-            self._calls.popleft()
+        self._forget_written()
         spill = {"replay_from": self._calls[0][0], "calls": len(self._calls)} if self._calls else None
         return {**self.inner.state_dict(), "spill": spill}
 

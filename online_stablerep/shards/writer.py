@@ -36,6 +36,8 @@ from online_stablerep.shards.format import (
     scan_keys,
 )
 
+# Niceness of the writer thread above its process's.
+WRITER_NICENESS = 10
 # Seconds between checks of the writer's health while a put waits for queue room.
 _POLL_S = 0.5
 
@@ -176,6 +178,12 @@ class ShardWriter:
 
     # --- writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        # Below the producer and trainer threads in priority (Linux: per thread): the writer
+        # takes the CPU they leave idle; only a writer that cannot keep up at all makes the
+        # producer wait, through the bounded queue.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(
+                os.PRIO_PROCESS, 0) + WRITER_NICENESS)
         file, tar, count = None, None, 0
         try:
             while (item := self._queue.get()) is not None:
