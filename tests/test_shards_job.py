@@ -144,3 +144,14 @@ def test_hybrid_generator_rank_spills_and_resumes_without_duplicates(tmp_path):
     assert len(written) > len(first)
     assert all(p.name.startswith("rank00001-") for p in shards.iterdir())  # the generator's
     assert written == stream_keys(len(written))
+
+
+def test_offline_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    shards = tmp_path / "shards"
+    train(tmp_path / "spill", "train.steps=4", f"export.shards_dir={shards}",
+          "export.groups_per_shard=8")
+    common = ["producer.kind=shards", f"shards.path={shards}", "train.steps=6"]
+    train(tmp_path / "full", *common)
+    train(tmp_path / "part", *common, "train.stop_after=3")
+    train(tmp_path / "part", *common, "resume=true")
+    assert read_summary(tmp_path / "part")["losses"] == read_summary(tmp_path / "full")["losses"]
