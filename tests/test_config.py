@@ -43,11 +43,20 @@ def test_overrides_apply():
         ("roles.generators=two", "roles.generators"),
         ("train.zero_stage=3", "train.zero_stage"),
         ("augment.grayscale_p=1.5", "augment.grayscale_p"),
+        ("export.image_format=gif", "export.image_format"),
+        ("export.quality=0", "export.quality"),
+        ("export.groups_per_shard=0", "export.groups_per_shard"),
+        ("producer.kind=shards", "shards.path"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("cpu_demo", [override])
+
+
+def test_shards_are_not_exported_again():
+    with pytest.raises(ConfigError, match=r"export\.shards_dir"):
+        load_config("cpu_demo", ["producer.kind=shards", "shards.path=x", "export.shards_dir=y"])
 
 
 def test_unknown_preset_lists_presets():

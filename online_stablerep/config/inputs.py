@@ -117,6 +117,41 @@ def _check_captions(cfg: Config, producers: int) -> None:
                  "or a smaller batch")
 
 
+def _check_shards(cfg: Config, producers: int) -> None:
+    """The stored groups of producer.kind=shards: enough files, and each file's first sample
+    readable (the rest is checked as it is read)."""
+    from online_stablerep.producers.shards import shard_files
+    from online_stablerep.shards.format import ShardError, decode_sample, iter_samples
+
+    spec = cfg.shards.path
+    files = shard_files(spec)
+    _require(bool(files), f"shards.path={spec!r}: no .tar files there (give a folder of shards "
+             "written with export.shards_dir, or a glob like dir/*.tar)")
+    _require(len(files) >= producers,
+             f"shards.path={spec!r}: {len(files)} .tar files cannot be split across {producers} "
+             "producers (each needs at least one): use fewer producer ranks or more shards")
+    for path in files:
+        try:
+            samples = iter_samples(path)
+            first = next(samples, None)
+            samples.close()
+            _require(first is not None, f"shards.path={spec!r}: shard {path} holds no sample")
+            if not cfg.shards.skip_bad_samples:
+                decode_sample(path, *first, cfg.producer.output_size, cfg.shards.resize,
+                              cfg.batch.views_per_caption)
+        except ShardError as err:
+            raise InputError(f"shards.path={spec!r}: {err}") from None
+
+
+def _check_export(cfg: Config) -> None:
+    folder = Path(cfg.export.shards_dir).expanduser()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    _require(existing.is_dir() and os.access(existing, os.W_OK),
+             f"export.shards_dir={cfg.export.shards_dir!r}: {existing} is not a writable folder")
+
+
 def _check_eval(cfg: Config) -> None:
     dataset = cfg.eval.dataset
     if not cfg.eval.probe_at_end or dataset == "procedural":
@@ -175,9 +210,13 @@ def check_inputs(cfg: Config, world_size: int, local_world_size: int | None = No
     _check_output_dir(Path(cfg.output_dir))
     _check_backbone(cfg)
     producers = world_size if roles.colocated else roles.num_generators
+    if cfg.export.shards_dir:
+        _check_export(cfg)
     if cfg.producer.kind == "diffusion":
         _check_generator_model(cfg)
         _check_captions(cfg, producers)
+    elif cfg.producer.kind == "shards":
+        _check_shards(cfg, producers)
     else:
         _require(cfg.procedural.num_categories >= cfg.batch.captions_per_batch,
                  f"procedural.num_categories={cfg.procedural.num_categories} < "

@@ -147,7 +147,7 @@ class TrainConfig:
 
 @dataclass
 class ProducerConfig:
-    # Which producer makes caption groups: "procedural" or "diffusion".
+    # Which producer makes caption groups: "procedural", "diffusion" or "shards" (stored groups).
     kind: str = "diffusion"
     # Images generated per caption (the group size; the paper makes 10).
     images_per_caption: int = 10
@@ -245,6 +245,34 @@ class CaptionsConfig:
     skip_bad_rows: bool = False
     # Shuffle caption order per epoch (from producer.seed and the epoch number).
     shuffle: bool = True
+
+
+@dataclass
+class ExportConfig:
+    # Also write every generated caption group to WebDataset tar shards in this folder ("" = off).
+    shards_dir: str = ""
+    # Image encoding inside the shards: "png" (lossless), "jpg" or "webp".
+    image_format: str = "png"
+    # Encoder quality of jpg/webp images, 1-100 (png is lossless and ignores it).
+    quality: int = 95
+    # Caption groups per shard file; the last shard of a run may hold fewer.
+    groups_per_shard: int = 1000
+    # Groups waiting for the background writer at most; a producer that gets further ahead waits.
+    queue_groups: int = 64
+
+
+@dataclass
+class ShardsConfig:
+    # With producer.kind=shards: a folder of .tar shards, or a glob of them (e.g. "dir/*.tar").
+    path: str = ""
+    # Skip (count and log) unreadable samples and the unreadable rest of a corrupt shard instead
+    # of failing.
+    skip_bad_samples: bool = False
+    # Stored images of another size than producer.output_size: resize them (shorter side, then
+    # centre crop) instead of failing.
+    resize: bool = False
+    # Shuffle the order of this rank's shard files every epoch (from producer.seed and the epoch).
+    shuffle_files: bool = True
 
 
 @dataclass
@@ -353,6 +381,8 @@ class Config:
     procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)

@@ -18,7 +18,8 @@ SCHEDULERS = ("dpm++", "unipc", "euler", "ddim", "lcm", "tcd")
 TIMESTEP_SPACINGS = ("", "leading", "trailing", "linspace")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RANDOM_ARCHITECTURES = ("tiny", "sd15", "sd21", "sdxl")
-PRODUCERS = ("procedural", "diffusion")
+PRODUCERS = ("procedural", "diffusion", "shards")
+IMAGE_FORMATS = ("png", "jpg", "webp")
 
 
 class ConfigError(ValueError):
@@ -84,7 +85,9 @@ def validate(cfg: Config) -> None:
              f"need at least 2 views per caption for positives, got {b.views_per_caption}")
     _require(p.images_per_caption >= 2, "producer.images_per_caption",
              f"need at least 2 images per caption, got {p.images_per_caption}")
-    _require(b.views_per_caption <= p.images_per_caption, "batch.views_per_caption",
+    # Stored groups (producer.kind=shards) bring their own image count, checked as read.
+    _require(p.kind == "shards" or b.views_per_caption <= p.images_per_caption,
+             "batch.views_per_caption",
              f"{b.views_per_caption} views > producer.images_per_caption={p.images_per_caption}")
     _require(b.captions_per_batch * b.views_per_caption >= 2, "batch.captions_per_batch",
              "a batch needs at least 2 rows")
@@ -113,6 +116,8 @@ def validate(cfg: Config) -> None:
     _require(p.output_size >= 8, "producer.output_size", "must be >= 8")
     _require(p.captions_per_call >= 1, "producer.captions_per_call", "must be >= 1")
     _require(p.seed >= 0, "producer.seed", "must be >= 0")
+
+    _validate_shards(cfg)
 
     q = cfg.procedural
     _require(q.num_categories >= 2, "procedural.num_categories", "must be >= 2")
@@ -223,6 +228,21 @@ def _validate_levers(cfg: Config) -> None:
     _require(not (g.scheduler in ("lcm", "tcd") and g.timestep_spacing),
              "generator.timestep_spacing", f"{g.timestep_spacing!r} would be ignored: the "
              f"{g.scheduler} scheduler picks its own timesteps (leave it empty)")
+
+
+def _validate_shards(cfg: Config) -> None:
+    """Writing caption groups to shards (export.*) and training from them (shards.*)."""
+    x = cfg.export
+    _one_of(x.image_format, "export.image_format", IMAGE_FORMATS)
+    _require(1 <= x.quality <= 100, "export.quality", f"{x.quality} not in [1, 100]")
+    _require(x.groups_per_shard >= 1, "export.groups_per_shard", "must be >= 1")
+    _require(x.queue_groups >= 1, "export.queue_groups", "must be >= 1")
+    if cfg.producer.kind == "shards":
+        _require(bool(cfg.shards.path), "shards.path",
+                 "producer.kind=shards needs a folder or glob of .tar shards")
+        _require(not x.shards_dir, "export.shards_dir",
+                 "producer.kind=shards reads stored groups: writing them out again is not "
+                 "supported (leave export.shards_dir empty)")
 
 
 def parse_generators(spec: str) -> tuple[int, bool]:

@@ -1,4 +1,5 @@
-"""Producers of caption groups, by name: `procedural` (fractals, cheap) and `diffusion`."""
+"""Producers of caption groups, by name: `procedural` (fractals, cheap), `diffusion` and
+`shards` (groups stored by an earlier run's `export.shards_dir`)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,18 @@ def _diffusion(cfg: Config, shard: int, num_shards: int, rank: int,
     return DiffusionProducer(cfg, shard, num_shards, rank=rank, device=device)
 
 
+def _shards(cfg: Config, shard: int, num_shards: int, rank: int,
+            device: torch.device | str | None) -> Producer:
+    # Stored groups are decoded on the CPU; the device is not used.
+    from online_stablerep.producers.shards import ShardsProducer
+
+    return ShardsProducer(cfg, shard, num_shards, rank=rank)
+
+
 PRODUCERS: dict[str, Callable[..., Producer]] = {
     "procedural": _procedural,
     "diffusion": _diffusion,
+    "shards": _shards,
 }
 
 
@@ -42,9 +52,21 @@ def build_producer(cfg: Config, shard: int, num_shards: int, rank: int = 0,
         num_shards: Producers sharing the caption corpus.
         rank: Global rank recorded in the groups it makes.
         device: Where the diffusion model runs (None: the local GPU if any, else the CPU).
+
+    With `export.shards_dir` set, the producer is wrapped so that every group it makes is also
+    written to shards (producers/spill.py).
     """
     if cfg.producer.kind not in PRODUCERS:
         raise ValueError(
             f"producer.kind={cfg.producer.kind!r}: expected one of {', '.join(PRODUCERS)}"
         )
-    return PRODUCERS[cfg.producer.kind](cfg, shard, num_shards, rank, device)
+    producer = PRODUCERS[cfg.producer.kind](cfg, shard, num_shards, rank, device)
+    x = cfg.export
+    if not x.shards_dir:
+        return producer
+    from online_stablerep.producers.spill import SpillingProducer
+    from online_stablerep.shards.writer import ShardWriter
+
+    writer = ShardWriter(x.shards_dir, rank, x.image_format, x.quality, x.groups_per_shard,
+                         x.queue_groups)
+    return SpillingProducer(producer, writer)

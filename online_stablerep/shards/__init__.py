@@ -1,0 +1,1 @@
+"""Caption groups on disk as WebDataset tar shards: the format, and the background writer."""

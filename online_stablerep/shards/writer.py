@@ -1,0 +1,224 @@
+"""A background thread that writes one producer rank's caption groups into tar shards.
+
+Files: `<dir>/rank{R:05d}-{index:06d}.tar`. A shard is written as `<name>.tar.tmp`, each sample
+flushed and fsynced as it is added (so what a crash leaves in the `.tmp` is whole up to its last
+sample), and on completion fsynced and renamed: a file under its final name is always complete.
+
+On start the writer recovers what an earlier run of the same rank left: it reads the keys of the
+complete shards (so groups made again after a resume are skipped), and moves the complete samples
+of a leftover `.tmp` into a complete shard of the same index (written as `.tar.salvage`, then
+renamed, then the `.tmp` removed: a crash at any point leaves either the `.tmp` or the shard).
+
+The producer hands groups over through a bounded queue (`put`); encoding and writing run in the
+thread, so only a writer slower than generation makes the producer wait. A write error stops the
+thread; the next `put` or `close` raises it as a SpillError naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import re
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+from online_stablerep.records import CaptionGroup
+from online_stablerep.shards.format import (
+    ShardError,
+    add_sample,
+    encode_group,
+    iter_samples,
+    sample_key,
+    scan_keys,
+)
+
+# Niceness of the writer thread above its process's.
+WRITER_NICENESS = 10
+# Seconds between checks of the writer's health while a put waits for queue room.
+_POLL_S = 0.5
+
+
+class SpillError(RuntimeError):
+    """Caption groups cannot be written to their shards; the message names the file."""
+
+
+def shard_name(rank: int, index: int) -> str:
+    return f"rank{rank:05d}-{index:06d}.tar"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe(err: BaseException, path: Path) -> str:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what = "file too large (a file size limit)" if err.errno == errno.EFBIG else (
+            "no space left on device")
+        return (f"cannot write shard {path}: {what}; its complete samples are kept and "
+                "recovered on resume: free space, then resume=true")
+    return f"cannot write shard {path}: {type(err).__name__}: {err}"
+
+
+class ShardWriter:
+    """Writes caption groups of one producer rank to tar shards from a background thread."""
+
+    def __init__(self, directory: str | Path, rank: int, image_format: str = "png",
+                 quality: int = 95, groups_per_shard: int = 1000, queue_groups: int = 64) -> None:
+        self.directory = Path(directory)
+        self.rank = rank
+        self.image_format = image_format
+        self.quality = quality
+        self.groups_per_shard = groups_per_shard
+        # Keys on disk or queued: a group with one of these is not written again.
+        self.keys: set[str] = set()
+        # Groups written (fsynced) so far, counted by the sequence number put() returns.
+        self.durable = 0
+        self.written = 0
+        self.recovered = 0
+        self._queued = 0
+        self._next_index = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_groups)
+        self._error: SpillError | None = None
+        self._raised = False
+        self._path: Path | None = None
+        self._recover()
+        self._thread = threading.Thread(target=self._run, name=f"shard-writer-{rank}", daemon=True)
+        self._thread.start()
+
+    # --- recovery --------------------------------------------------------------------------
+    def _recover(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            pattern = re.compile(rf"^rank{self.rank:05d}-(\d{{6}})\.tar(\.tmp|\.salvage)?$")
+            found = sorted((int(m.group(1)), m.group(2), p) for p in self.directory.iterdir()
+                           if (m := pattern.match(p.name)))
+            for index, suffix, path in found:
+                self._next_index = max(self._next_index, index + 1)
+                if suffix is None:
+                    self.keys.update(scan_keys(path))
+                elif suffix == ".salvage":
+                    # A salvage killed before its rename: its .tmp is still there.
+                    path.unlink()
+            for index, suffix, path in found:
+                if suffix == ".tmp":
+                    self._salvage(path, self.directory / shard_name(self.rank, index))
+        except ShardError as err:
+            raise SpillError(f"{err}: move it away from export.shards_dir") from None
+        except OSError as err:
+            raise SpillError(_describe(err, self.directory)) from None
+
+    def _salvage(self, tmp: Path, final: Path) -> None:
+        samples = [(k, f) for k, f in iter_samples(tmp, complete_only=True) if k not in self.keys]
+        if samples and not final.exists():
+            part = final.with_name(final.name + ".salvage")
+            with part.open("wb") as f:
+                with tarfile.open(fileobj=f, mode="w") as tar:
+                    for key, fields in samples:
+                        add_sample(tar, key, fields, time.time())
+                f.flush()
+                os.fsync(f.fileno())
+            part.rename(final)
+            self.keys.update(k for k, _ in samples)
+            self.recovered += len(samples)
+        tmp.unlink()
+        _fsync_dir(self.directory)
+
+    # --- producer side ---------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise the writer thread's error, once."""
+        if self._error is not None and not self._raised:
+            self._raised = True
+            raise self._error
+
+    def put(self, group: CaptionGroup) -> int | None:
+        """Queue a group; returns its sequence number, or None when its key was written already.
+
+        Waits while the queue is full, checking the thread's health.
+
+        Raises:
+            SpillError: the writer failed (names the file).
+        """
+        key = sample_key(group.epoch, group.caption_id)
+        if key in self.keys:
+            return None
+        self.check()
+        while True:
+            try:
+                self._queue.put((key, group), timeout=_POLL_S)
+                break
+            except queue.Full:
+                self.check()
+        self.keys.add(key)
+        self._queued += 1
+        return self._queued
+
+    def close(self) -> None:
+        """Write what is queued, complete the last shard and stop the thread.
+
+        Raises:
+            SpillError: the writer failed and this was not reported yet.
+        """
+        if self._thread.is_alive():
+            while self._error is None:
+                try:
+                    self._queue.put(None, timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            self._thread.join()
+        self.check()
+
+    # --- writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        # Below the producer and trainer threads in priority (Linux: per thread): the writer
+        # takes the CPU they leave idle; only a writer that cannot keep up at all makes the
+        # producer wait, through the bounded queue.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(
+                os.PRIO_PROCESS, 0) + WRITER_NICENESS)
+        file, tar, count = None, None, 0
+        try:
+            while (item := self._queue.get()) is not None:
+                key, group = item
+                fields = encode_group(group, self.image_format, self.quality)
+                if file is None:
+                    self._path = self.directory / (shard_name(self.rank, self._next_index) + ".tmp")
+                    file = self._path.open("wb")
+                    tar = tarfile.open(fileobj=file, mode="w")
+                add_sample(tar, key, fields, time.time())
+                file.flush()
+                os.fsync(file.fileno())
+                self.durable += 1
+                self.written += 1
+                count += 1
+                if count == self.groups_per_shard:
+                    self._finish(file, tar)
+                    file, tar, count = None, None, 0
+            if file is not None:
+                self._finish(file, tar)
+        except BaseException as err:
+            self._error = SpillError(_describe(err, self._path or self.directory))
+            if file is not None:
+                # Closing flushes the torn sample's buffered bytes, which fails the same way.
+                with contextlib.suppress(OSError):
+                    file.close()
+
+    def _finish(self, file, tar: tarfile.TarFile) -> None:
+        """Complete the current shard: end-of-archive blocks, fsync, rename into place."""
+        assert self._path is not None
+        tar.close()
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+        self._path.rename(self._path.with_suffix(""))
+        _fsync_dir(self.directory)
+        self._next_index += 1
+        self._path = None
