@@ -164,6 +164,10 @@ class GeneratorLink:
             while not self._all_stopped():
                 self._raise_if_failed()
                 self._cond.wait(timeout=0.5)
+            # An abort (STOP with a reason) also counts as stopped: a generator whose stream
+            # had ended still exits with the trainer's reason, not as a clean finish.
+            if self.error is not None:
+                raise self.error
         self.close()
 
     def fail(self, reason: str) -> None:
