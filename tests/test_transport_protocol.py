@@ -131,6 +131,19 @@ def test_credit_does_not_mutate_the_outstanding_map():
     assert outstanding == {1: 1}
 
 
+def test_credit_goes_to_this_nodes_generators_first_then_to_the_others():
+    # Generators 3 and 7 are on this trainer's node: they fill up to the cap before 11 and 15
+    # get any of the room; what is left is shared among the others, most starved first.
+    grants = grant_credit({3: 0, 7: 2, 11: 0, 15: 0}, [3, 7, 11, 15], room=9, per_generator=4,
+                          preferred=[3, 7])
+    assert grants == {3: 4, 7: 2, 11: 2, 15: 1}
+    # Room only for the local ones: remote generators get nothing.
+    assert grant_credit({3: 0, 11: 0}, [3, 11], room=4, per_generator=4,
+                        preferred=[3]) == {3: 4, 11: 0}
+    # A local generator that is not grantable (ended) does not hold back the others.
+    assert grant_credit({3: 0, 11: 0}, [11], room=4, per_generator=4, preferred=[3]) == {11: 4}
+
+
 # ---- a trainer as a generator sees it -------------------------------------------------------
 
 
@@ -186,6 +199,19 @@ def test_pick_trainer_with_no_credit_left_returns_none_instead_of_raising():
     assert pick_trainer({}, {}, most=4) is None
 
 
+def test_pick_trainer_prefers_its_own_nodes_trainers_while_they_hold_credit():
+    states = dict.fromkeys([0, 1, 4, 5], T.OPEN)
+    # Remote trainer 4 holds the most credit, but local trainers 0 and 1 come first.
+    assert pick_trainer({0: 1, 1: 2, 4: 9, 5: 0}, states, most=8, preferred=[0, 1]) == (1, 2)
+    # Ties go to the lowest rank, so the choice is a function of the credit alone.
+    assert pick_trainer({0: 2, 1: 2, 4: 9, 5: 0}, states, most=1, preferred=[0, 1]) == (0, 1)
+    # The node's trainers hold no credit (full buffers): spill to the others, most credit first.
+    assert pick_trainer({0: 0, 1: 0, 4: 3, 5: 5}, states, most=8, preferred=[0, 1]) == (5, 5)
+    # A local trainer that stopped is skipped even if it still shows credit.
+    stopped = {**states, 1: T.STOPPING}
+    assert pick_trainer({0: 0, 1: 6, 4: 3, 5: 0}, stopped, most=8, preferred=[0, 1]) == (4, 3)
+
+
 # ---- the start-up budget, with a scripted generator in place of gloo --------------------------
 
 
@@ -203,7 +229,9 @@ def test_a_warming_generator_is_kept_until_the_startup_budget_then_named(monkeyp
 
     monkeypatch.setattr(msg, "recv_message", keepalives)
     monkeypatch.setattr(msg, "send_message", lambda *a, **k: None)
-    roles = SimpleNamespace(trainer_ranks=[0], generator_ranks=[1])
+    from online_stablerep.distributed.roles import Roles
+
+    roles = Roles(world_size=2, num_generators=1)
     groups = SimpleNamespace(rank=0, roles=roles, data_plane="data", control="control")
     receiver = Receiver(groups, ReplayBuffer(8, 1), 4, timeout_s=0.5, startup_timeout_s=2.0)
     receiver.start()

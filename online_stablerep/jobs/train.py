@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from online_stablerep.config import Config, ConfigError, save_config
-from online_stablerep.config.inputs import check_inputs
+from online_stablerep.config.inputs import InputError, check_inputs
 from online_stablerep.config.validate import resolved_min_pool
 from online_stablerep.distributed.env import default_device, local_world_size
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
+from online_stablerep.distributed.startup import StartupError, agree_on_startup, several_nodes
 from online_stablerep.jobs.shutdown import StopRequest, write_last_word
 from online_stablerep.monitoring.metrics import (
     MetricSink,
@@ -180,6 +181,15 @@ def _run_generator(
                          stop)
 
 
+def _role_name(cfg: Config, rank: int, world: int, local: int) -> str:
+    """"trainer" or "generator" for last words and console lines ("unknown": a bad layout)."""
+    try:
+        roles = Roles.from_spec(cfg.roles.generators, world, local)
+    except ConfigError:
+        return "unknown"
+    return "trainer" if roles.is_trainer(rank) else "generator"
+
+
 def _failure(err: BaseException) -> tuple[str, str, bool]:
     """(reason, cause, traceback wanted): errors about input, the disk or a peer are reported in
     one line; a traceback is for bugs."""
@@ -190,6 +200,8 @@ def _failure(err: BaseException) -> tuple[str, str, bool]:
         f"{type(err).__name__}: {err}")
     if isinstance(err, TransportError):
         return str(err), "peer", False
+    if isinstance(err, StartupError):
+        return str(err), "own" if err.own else "peer", False
     described = describe_failure(err)
     if described.startswith(("connection closed", "stopped answering")):
         return f"{type(err).__name__}: {described}", "peer", False
@@ -205,6 +217,8 @@ def run_job(cfg: Config) -> int:
 
     Raises:
         InputError: bad input, before any process group or model exists (the CLI exits 2).
+            On several nodes bad input instead fails every rank after the rendezvous, each
+            with a last word naming the rank that failed (exit code 2).
     """
     single_process_env()
     device = default_device()
@@ -216,10 +230,19 @@ def run_job(cfg: Config) -> int:
         torch.set_num_threads(cfg.train.cpu_threads)
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
+    local = local_world_size(world)
     # 1. Everything that can fail on bad input fails here, before any group or model exists
-    # (InputError: the CLI prints one line and exits 2).
-    roles = check_inputs(cfg, world, local_world_size(world))
-    role = "trainer" if roles.is_trainer(rank) else "generator"
+    # (InputError: the CLI prints one line and exits 2). On several nodes the failure is held
+    # until the rendezvous, so every node hears of it (distributed/startup.py).
+    roles: Roles | None = None
+    failure: str | None = None
+    try:
+        roles = check_inputs(cfg, world, local)
+    except InputError as err:
+        if not several_nodes(world, local):
+            raise
+        failure = f"input error: {err}"
+    role = _role_name(cfg, rank, world, local)
     stop = StopRequest()
     stop.install(lambda name: console(
         f"received {name}: stopping at the next step (trainers save a checkpoint first)",
@@ -229,6 +252,9 @@ def run_job(cfg: Config) -> int:
         # 2. torch.distributed first (no device_id), then DeepSpeed reuses it. Ranks start at
         # different speeds (imports on a loaded node): the rendezvous has the start-up budget.
         init_with_deepspeed(device, cfg.transport.startup_timeout_s)
+        if several_nodes(world, local):
+            agree_on_startup(failure, local)
+        assert roles is not None
         groups = create_groups(roles, device, cfg.transport.timeout_s)
         if rank == 0:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -247,11 +273,12 @@ def run_job(cfg: Config) -> int:
         return code
     except BaseException as err:
         reason, cause, want_traceback = _failure(err)
+        code = 2 if isinstance(err, StartupError) else 1
         print(f"[{role} rank {rank}] failed: {reason}", file=sys.stderr, flush=True)
         if want_traceback:
             traceback.print_exc()
-        write_last_word(cfg.output_dir, rank, role, "failed", reason, cause, code=1)
-        return 1
+        write_last_word(cfg.output_dir, rank, role, "failed", reason, cause, code=code)
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
