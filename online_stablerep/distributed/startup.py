@@ -39,7 +39,7 @@ def agree_on_startup(error: str | None, local_world_size: int) -> None:
     data = (error or "").encode()[:REASON_BYTES]
     mine = torch.zeros(REASON_BYTES + 1, dtype=torch.uint8)
     mine[0] = 1 if error is not None else 0
-    mine[1 : 1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     failed = [r for r, t in enumerate(everyone) if t[0]]
