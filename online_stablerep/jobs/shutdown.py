@@ -127,8 +127,10 @@ def wait_for_final_words(
     output_dir: str | Path, world: int, local: range, wait_s: float
 ) -> dict[int, dict[str, Any] | None]:
     """The last words, once every other node's rank that wrote "running" (into a shared
-    output_dir) has written its final word, or after `wait_s`: those ranks fail within
-    `transport.timeout_s` of a peer, so only a killed one is still "running" by then."""
+    output_dir) has written its final word, or after `wait_s`: this node's ranks have exited,
+    so the other nodes' ranks are failing too (in seconds, at most `transport.timeout_s`) and
+    a killed one stays "running". A rank slower than `wait_s` to write may be blamed wrongly
+    on this node's line; its own node's line is right."""
     deadline = time.monotonic() + wait_s
     while True:
         words = read_last_words(output_dir, world)
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-rank", type=int, default=0, help="this node's index")
     parser.add_argument("--ranks-per-node", type=int, default=0,
                         help="ranks this node's launcher started (0: the whole world)")
-    parser.add_argument("--wait-s", type=float, default=30.0,
+    parser.add_argument("--wait-s", type=float, default=10.0,
                         help="how long to wait for other nodes' ranks to write a final word")
     args = parser.parse_args(argv)
     per_node = args.ranks_per_node or args.world
