@@ -131,17 +131,33 @@ def test_credit_does_not_mutate_the_outstanding_map():
     assert outstanding == {1: 1}
 
 
-def test_credit_goes_to_this_nodes_generators_first_then_to_the_others():
-    # Generators 3 and 7 are on this trainer's node: they fill up to the cap before 11 and 15
-    # get any of the room; what is left is shared among the others, most starved first.
-    grants = grant_credit({3: 0, 7: 2, 11: 0, 15: 0}, [3, 7, 11, 15], room=9, per_generator=4,
-                          preferred=[3, 7])
-    assert grants == {3: 4, 7: 2, 11: 2, 15: 1}
-    # Room only for the local ones: remote generators get nothing.
+def test_credit_goes_to_this_nodes_generators_first_and_little_to_the_others():
+    # Generators 3 and 7 are on this trainer's node: they fill up to the cap first; the others
+    # share at most per_generator (4) in all, most starved first, ties to the lowest rank.
+    grants = grant_credit({3: 0, 7: 2, 11: 0, 15: 0, 19: 0}, [3, 7, 11, 15, 19], room=50,
+                          per_generator=4, preferred=[3, 7])
+    assert grants == {3: 4, 7: 2, 11: 2, 15: 1, 19: 1}
+    # Remote credit already outstanding (even from a generator not grantable now) counts.
+    assert grant_credit({3: 4, 11: 3, 15: 0}, [3, 15], room=50, per_generator=4,
+                        preferred=[3]) == {3: 0, 15: 1}
+    # Room only for the local one: remote generators get nothing.
     assert grant_credit({3: 0, 11: 0}, [3, 11], room=4, per_generator=4,
                         preferred=[3]) == {3: 4, 11: 0}
     # A local generator that is not grantable (ended) does not hold back the others.
-    assert grant_credit({3: 0, 11: 0}, [11], room=4, per_generator=4, preferred=[3]) == {11: 4}
+    assert grant_credit({3: 0, 11: 0}, [11], room=9, per_generator=4, preferred=[3]) == {11: 4}
+
+
+def test_idle_remote_credit_never_fills_the_room_at_scale():
+    # 125 nodes of 1 trainer and 7 generators: the others' generators never send here while
+    # their own trainer has credit; what they may hold stays one generator's worth.
+    local = list(range(1, 8))
+    remote = [r for r in range(8, 1000) if r % 8]  # 868: local ranks 1-7 of the other nodes
+    outstanding = dict.fromkeys(local + remote, 0)
+    for _ in range(50):  # the trainer grants again and again; nobody sends
+        for g, n in grant_credit(outstanding, local + remote, room=688 - sum(
+                outstanding.values()), per_generator=8, preferred=local).items():
+            outstanding[g] += n
+    assert sum(outstanding[g] for g in local) == 56 and sum(outstanding[g] for g in remote) == 8
 
 
 # ---- a trainer as a generator sees it -------------------------------------------------------

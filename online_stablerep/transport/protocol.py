@@ -153,14 +153,21 @@ def grant_credit(
 ) -> dict[int, int]:
     """The credit rule: hand out at most `room` slots (the buffer's room minus credit already
     outstanding), one at a time to the grantable generator with the least outstanding, never
-    more than `per_generator` outstanding each; generators in `preferred` (this trainer's node)
-    are served first, the others from what room is left. Returns generator rank -> new
-    credit."""
+    more than `per_generator` outstanding each. Returns generator rank -> new credit.
+
+    With `preferred` (the generators on this trainer's node) those are served first, and the
+    others share at most `per_generator` outstanding in all: their credit mostly sits unused
+    (they send to their own node first), and unused credit still counts against the room, so
+    without that cap idle credit for hundreds of remote generators would fill the room and
+    starve this node's generators."""
     held = {g: outstanding[g] for g in grantable}
     grants = dict.fromkeys(grantable, 0)
-    first = [g for g in grantable if preferred is None or g in preferred]
-    for tier in (first, [g for g in grantable if g not in first]):
-        while room > 0:
+    near = [g for g in grantable if preferred is None or g in preferred]
+    far = [g for g in grantable if g not in near]
+    spill = per_generator - sum(v for g, v in outstanding.items()
+                                if preferred is not None and g not in preferred)
+    for tier, budget in ((near, room), (far, spill)):
+        while room > 0 and budget > 0:
             open_ = [g for g in tier if held[g] < per_generator]
             if not open_:
                 break
@@ -168,6 +175,7 @@ def grant_credit(
             held[g] += 1
             grants[g] += 1
             room -= 1
+            budget -= 1
     return grants
 
 
