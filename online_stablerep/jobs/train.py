@@ -68,6 +68,29 @@ def _pin_cpu_cores() -> None:
     torch.set_num_threads(len(mine))
 
 
+# Sockets a rank holds per peer: one gloo pair for each of the world-wide gloo groups (default,
+# data plane, control) and the trainer group on CPU (benchmarks/scale_model.py measured 3.95).
+SOCKETS_PER_PEER = 4
+
+
+def _raise_open_files_limit(world: int, rank: int) -> None:
+    """Gloo connects every pair of ranks of a group: at 1,000 ranks a rank holds about 4,000
+    sockets, past the usual soft limit of 1,024 open files. Raise the soft limit to the hard
+    one when the job needs more, and say so when even that is too low."""
+    import resource
+
+    need = SOCKETS_PER_PEER * world + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    top = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    if top < need and rank == 0:
+        console(f"warning: a job of {world} ranks needs about {need} open files per rank "
+                f"(gloo's sockets) but the hard limit is {hard}: raise it (ulimit -n) or "
+                "group creation fails with 'Too many open files'", rank=rank)
+
+
 def _trainer_source(
     cfg: Config, roles: Roles, groups: JobGroups, rank: int, device: torch.device,
     stop: StopRequest | None = None,
@@ -232,6 +255,7 @@ def run_job(cfg: Config) -> int:
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local = local_world_size(world)
+    _raise_open_files_limit(world, rank)
     # 1. Everything that can fail on bad input fails here, before any group or model exists
     # (InputError: the CLI prints one line and exits 2). On several nodes the failure is held
     # until the rendezvous, so every node hears of it (distributed/startup.py).
