@@ -132,12 +132,15 @@ def model(inputs: dict) -> dict:
     big, small = msg["link_256px_4groups"], msg["link_8px_4groups"]
     per_byte = max(0.0, big["cpu_s_per_message"] - small["cpu_s_per_message"]) / (
         big["message_bytes"] - small["message_bytes"])
+    # A keepalive is one small message: the bare wire's cost without payload.
+    small_message = msg["wire_8px_1groups"]["cpu_s_per_message"]
     out = {"world": world, "sockets_per_peer": sockets_per_peer,
            "sockets_per_rank": sockets_per_peer * (world - 1),
            "sockets_per_node": sockets_per_peer * (world - 1) * lay["gpus_per_node"],
            "group_creation_s_per_rank_of_world": create_per_rank,
            "group_creation_s_at_world": create_per_rank * world,
-           "fixed_s_per_message": fixed, "s_per_byte": per_byte, "recipes": {}}
+           "fixed_s_per_message": fixed, "s_per_byte": per_byte,
+           "small_message_s": small_message, "recipes": {}}
     for name, r in RECIPES.items():
         k_gen = r["gen_per_node"]
         trainers = lay["nodes"] * (lay["gpus_per_node"] - k_gen)
@@ -150,7 +153,9 @@ def model(inputs: dict) -> dict:
         # Keepalives: every trainer and generator pings every peer it has not spoken to.
         keepalive_in_per_s = gens / lay["keepalive_s"]
         cpu_per_group = fixed + per_byte * group_bytes
-        busy = trainer_groups_per_s * cpu_per_group + keepalive_in_per_s * fixed
+        payload_busy = trainer_groups_per_s * cpu_per_group
+        keepalive_busy = keepalive_in_per_s * small_message
+        busy = payload_busy + keepalive_busy
         # A trainer trains at its rate, or as fast as reuse lets its inflow serve it.
         views_per_s = min(r["train"], trainer_groups_per_s * lay["k"] * lay["max_reuse"])
         step_s = lay["n"] * lay["k"] / views_per_s
@@ -170,6 +175,8 @@ def model(inputs: dict) -> dict:
             "receiver_cpu_ms_per_group": cpu_per_group * 1e3,
             "keepalives_in_per_s": keepalive_in_per_s,
             "receiver_cpu_fraction_of_a_core": busy,
+            "payload_cpu_fraction_of_a_core": payload_busy,
+            "keepalive_cpu_fraction_of_a_core": keepalive_busy,
             "trainer_step_s": step_s,
             "receiver_cpu_ms_per_step": busy * step_s * 1e3,
         }
@@ -185,15 +192,18 @@ def markdown(result: dict) -> str:
              f"{result['s_per_byte'] * 1e9:.2f} ms per MB", "",
              "| recipe | roles | trainers | generators | MB/s per link | MB/s into a trainer "
              "| MB/s inter-node (K/node; total count) | credits in flight per trainer (MB) "
-             "| receiver ms per group | receiver share of a core | receiver ms per step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| receiver ms per group | keepalives in /s | receiver share of a core (payload + "
+             "keepalives) | receiver ms per step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["recipes"].items():
         lines.append(
             f"| {name} | {r['roles']} | {r['trainers']} | {r['generators']} "
             f"| {r['link_MB_per_s']:.1f} | {r['trainer_in_MB_per_s']:.0f} "
             f"| {r['node_inter_MB_per_s_steady']:.0f}; {r['node_inter_MB_per_s_total_count_layout']:.0f} "
             f"| {r['credits_in_flight_per_trainer']} ({r['credits_in_flight_MB_per_trainer']:.0f}) "
-            f"| {r['receiver_cpu_ms_per_group']:.2f} | {r['receiver_cpu_fraction_of_a_core']:.1%} "
+            f"| {r['receiver_cpu_ms_per_group']:.2f} | {r['keepalives_in_per_s']:.0f} "
+            f"| {r['receiver_cpu_fraction_of_a_core']:.1%} ({r['payload_cpu_fraction_of_a_core']:.1%}"
+            f" + {r['keepalive_cpu_fraction_of_a_core']:.1%}) "
             f"| {r['receiver_cpu_ms_per_step']:.1f} of {r['trainer_step_s'] * 1e3:.0f} |")
     return "\n".join(lines) + "\n"
 
