@@ -32,7 +32,11 @@ IMAGE_BYTES = 3 * 256 * 256  # one stored image, uint8 (producer.output_size 256
 # Held fixed from the sd15_vitb16 preset and `online-stablerep plan --gpus 8 --nodes 125`
 # (ESTIMATED rates: no recipe has been measured on a GPU yet).
 LAYOUT = {"nodes": 125, "gpus_per_node": 8, "m": 10, "n": 43, "k": 6,
-          "credits_per_generator": 8, "keepalive_s": 5.0, "max_reuse": 9}
+          "credits_per_generator": 8, "max_reuse": 9,
+          # Keepalive intervals at transport.timeout_s 120: own node, other nodes (K/node).
+          "keepalive_s": 5.0, "remote_keepalive_s": 40.0,
+          # Groups a message carries: producer.captions_per_call of sd15_vitb16 (credit allowing).
+          "groups_per_message": 4}
 RECIPES = {  # gen images/s per GPU, trainer views/s per GPU, best split with dedicated gens
     "fast": {"gen": 71.32, "train": 2349.0, "gen_per_node": 7, "capacity": 688},
     "paper": {"gen": 8.563, "train": 2349.0, "gen_per_node": 7, "capacity": 774},
@@ -150,9 +154,12 @@ def model(inputs: dict) -> dict:
         t_per_node = lay["gpus_per_node"] - k_gen
         trainer_groups_per_s = k_gen * r["gen"] / lay["m"] / t_per_node
         trainer_Bps = trainer_groups_per_s * group_bytes
-        # Keepalives: every trainer and generator pings every peer it has not spoken to.
-        keepalive_in_per_s = gens / lay["keepalive_s"]
-        cpu_per_group = fixed + per_byte * group_bytes
+        # Keepalives: every generator pings every trainer it has not sent to lately: its own
+        # node's every 5 s, the others' every 40 s.
+        keepalive_in_per_s = k_gen / lay["keepalive_s"] + (gens - k_gen) / lay[
+            "remote_keepalive_s"]
+        keepalive_in_before = gens / lay["keepalive_s"]
+        cpu_per_group = fixed / lay["groups_per_message"] + per_byte * group_bytes
         payload_busy = trainer_groups_per_s * cpu_per_group
         keepalive_busy = keepalive_in_per_s * small_message
         busy = payload_busy + keepalive_busy
@@ -174,6 +181,8 @@ def model(inputs: dict) -> dict:
                 (k_gen + 1) * lay["credits_per_generator"] * group_bytes / 1e6),
             "receiver_cpu_ms_per_group": cpu_per_group * 1e3,
             "keepalives_in_per_s": keepalive_in_per_s,
+            "keepalives_in_per_s_all_at_5s": keepalive_in_before,
+            "keepalive_cpu_fraction_all_at_5s": keepalive_in_before * small_message,
             "receiver_cpu_fraction_of_a_core": busy,
             "payload_cpu_fraction_of_a_core": payload_busy,
             "keepalive_cpu_fraction_of_a_core": keepalive_busy,

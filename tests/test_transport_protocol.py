@@ -259,3 +259,12 @@ def test_a_warming_generator_is_kept_until_the_startup_budget_then_named(monkeyp
     assert "generator rank 1 still warming up" in str(receiver.error)
     assert "transport.startup_timeout_s" in str(receiver.error)
     assert receiver.states()[1] == GenState.LOST
+
+
+def test_peers_on_other_nodes_are_pinged_less_often_but_well_inside_the_timeout():
+    from online_stablerep.transport.messages import keepalive_interval, remote_keepalive_interval
+
+    assert keepalive_interval(120) == 5 and remote_keepalive_interval(120) == 40
+    # Three pings per timeout at least, and never more often than a local peer's.
+    for timeout in (4, 10, 20, 120, 600):
+        assert keepalive_interval(timeout) <= remote_keepalive_interval(timeout) <= timeout / 3

@@ -231,6 +231,8 @@ class Receiver:
 
     def _control_loop(self) -> None:
         interval = msg.keepalive_interval(self.timeout_s)
+        remote = msg.remote_keepalive_interval(self.timeout_s)
+        every = {g: interval if g in self.preferred else remote for g in self.generators}
         # 1. Hello: where each generator's stream continues (RESUME) or that it starts fresh.
         for g in self.generators:
             if g in self._resume:
@@ -279,7 +281,7 @@ class Receiver:
             for g in talk_to:
                 if grants.get(g):
                     self._send(g, Kind.CREDIT, grants[g])
-                elif now - last_sent[g] >= interval:
+                elif now - last_sent[g] >= every[g]:
                     self._send(g, Kind.KEEPALIVE)
                 else:
                     continue

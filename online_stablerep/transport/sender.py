@@ -262,6 +262,8 @@ class GeneratorLink:
     def _send_loop(self) -> None:
         group, timeout = self.groups.data_plane, self.timeout_s
         interval = msg.keepalive_interval(timeout)
+        remote = msg.remote_keepalive_interval(timeout)
+        every = {t: interval if t in self.preferred else remote for t in self.trainers}
         last_sent = dict.fromkeys(self.trainers, 0.0)
         while True:
             with self._cond:
@@ -289,7 +291,7 @@ class GeneratorLink:
             now = time.monotonic()
             if item is None:
                 targets = [(Kind.KEEPALIVE, t, None) for t in open_
-                           if now - last_sent[t] >= interval]
+                           if now - last_sent[t] >= every[t]]
             else:
                 targets = [item] if item[1] in open_ else []
             for kind, t, body in targets:
