@@ -76,12 +76,7 @@ def last_words(out: Path) -> dict[int, dict]:
 
 def test_two_nodes_finish_with_a_generator_each(tmp_path):
     out, logs = tmp_path / "run", tmp_path / "logs"
-    # A generator spills to the other node's trainer only while its own holds less credit than
-    # a call made: when its buffers are full (they never fill here) or while its first credit is
-    # still on the way and the other node's already came (at most one generator's credit, 8).
-    codes = wait_nodes(start_nodes(out, logs, "train.steps=8", "train.audit=true",
-                                   "replay.max_reuse=1", "replay.capacity=512",
-                                   "producer.captions_per_call=2"), logs, 150)
+    codes = wait_nodes(start_nodes(out, logs, "train.steps=8", "train.audit=true"), logs, 150)
     assert codes == [0, 0], tails(logs)
     node0, node1 = ((logs / f"node{n}.log").read_text() for n in (0, 1))
     assert "job finished: every rank exited cleanly" in node0 and "job finished" in node1
@@ -94,12 +89,10 @@ def test_two_nodes_finish_with_a_generator_each(tmp_path):
         2: ("trainer", "finished"), 3: ("generator", "finished")}
     assert " generator rank 1] " in node0 and " generator rank 3] " in node1
     # Trainer index 0 is global rank 0 (node 0), index 1 is global rank 2 (node 1): each drew
-    # its batches mostly from its own node's generator.
+    # its batches mostly from its own node's generator (it may spill when its node is full).
     for index, generator in ((0, 1), (1, 3)):
         audit = json.loads((out / "audit" / f"trainer_rank{index}.json").read_text())
-        makers = Counter()
-        for _caption, _epoch, producer_rank, uses in audit["uses"]:
-            makers[producer_rank] += uses
+        makers = Counter({key[2]: uses for *key, uses in audit["uses"]})
         assert makers[generator] > 0.75 * sum(makers.values()), (index, makers)
 
 

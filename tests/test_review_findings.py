@@ -144,32 +144,6 @@ def test_take_credit_when_the_credit_holder_stops_meanwhile_ends_cleanly(monkeyp
     link.close()
 
 
-def test_a_generator_waits_for_its_nodes_credit_before_spilling_to_another_node(monkeypatch):
-    from online_stablerep.transport import sender
-
-    monkeypatch.setattr(sender, "SPILL_AFTER_S", 0.5)
-    trainers = ScriptedTrainers(monkeypatch)
-    # Two nodes of two ranks, 1/node: generator 3 on node 1, its trainer is 2.
-    roles = Roles.from_spec("1/node", world_size=4, local_world_size=2)
-    groups = SimpleNamespace(rank=3, roles=roles, data_plane="data", control="control")
-    link = GeneratorLink(groups, timeout_s=5)
-    trainers.push(0, Kind.START)
-    trainers.push(2, Kind.START)
-    link.wait_hello()
-    # 1. Only the other node's trainer holds credit; its own node's grant arrives 0.2 s later.
-    trainers.push(0, Kind.CREDIT, 8)
-    wait_for(lambda: link._credit[0] == 8)
-    threading.Timer(0.2, trainers.push, (2, Kind.CREDIT, 2)).start()
-    assert link.take_credit(4) == (2, 2)
-    # 2. Its own node's trainer has no credit left: after the wait, the other node's is used.
-    start = time.monotonic()
-    assert link.take_credit(4) == (0, 4)
-    assert time.monotonic() - start >= 0.45
-    trainers.push(0, Kind.STOP)
-    trainers.push(2, Kind.STOP)
-    link.close()
-
-
 def test_unshuffled_shard_smaller_than_a_batch_fails_at_start(tmp_path):
     # Two colocated ranks split 10 captions into shards of 5; unshuffled, a shard holds the
     # same 5 captions every epoch and a batch of 8 distinct ones never fills (the source used

@@ -223,9 +223,6 @@ def test_pick_trainer_prefers_its_own_nodes_trainers_while_they_hold_credit():
     assert pick_trainer({0: 2, 1: 2, 4: 9, 5: 0}, states, most=1, preferred=[0, 1]) == (0, 1)
     # The node's trainers hold no credit (full buffers): spill to the others, most credit first.
     assert pick_trainer({0: 0, 1: 0, 4: 3, 5: 5}, states, most=8, preferred=[0, 1]) == (5, 5)
-    # Not yet allowed to spill (its node's grant may be on the way): nothing to take.
-    assert pick_trainer({0: 0, 1: 0, 4: 3, 5: 5}, states, most=8, preferred=[0, 1],
-                        spill=False) is None
     # A local trainer that stopped is skipped even if it still shows credit.
     stopped = {**states, 1: T.STOPPING}
     assert pick_trainer({0: 0, 1: 6, 4: 3, 5: 0}, stopped, most=8, preferred=[0, 1]) == (4, 3)

@@ -246,17 +246,15 @@ def trainer_lost(state: TrainerState) -> TrainerState:
 
 def pick_trainer(
     credit: dict[int, int], states: dict[int, TrainerState], most: int,
-    preferred: list[int] | None = None, spill: bool = True,
+    preferred: list[int] | None = None,
 ) -> tuple[int, int] | None:
     """Where the next groups go: the open trainer holding the most credit (so no trainer starves
     while another fills up; ties to the lowest rank) and how many of `most` it takes; among
-    `preferred` trainers (the generator's node) while any of them holds credit, else, if `spill`
-    allows, among all. None when no trainer it may use holds credit."""
+    `preferred` trainers (the generator's node) while any of them holds credit, else among all.
+    None when no open trainer holds credit."""
     holders = [t for t, s in states.items() if s == TrainerState.OPEN and credit[t] > 0]
+    if not holders:
+        return None
     near = [t for t in holders if preferred is not None and t in preferred]
-    if not near and not spill:
-        return None
-    if not (near or holders):
-        return None
     trainer = max(near or holders, key=lambda t: (credit[t], -t))
     return trainer, min(most, credit[trainer])

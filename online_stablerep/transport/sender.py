@@ -25,11 +25,6 @@ from online_stablerep.transport.messages import Kind, TransportError
 from online_stablerep.transport.protocol import Cursor, TrainerState
 from online_stablerep.transport.wire import pack_groups
 
-# Seconds a generator waits for credit from its own node's trainers before it sends to another
-# node's (K/node): a credit grant takes a round trip, and a busy trainer's threads can take
-# a while to answer; its buffer being full is the case spilling is for.
-SPILL_AFTER_S = 1.0
-
 
 class GeneratorLink:
     """One generator rank's connection to every trainer rank.
@@ -135,26 +130,22 @@ class GeneratorLink:
 
     def take_credit(self, most: int) -> tuple[int, int] | None:
         """Reserve up to `most` groups of credit at the trainer holding the most credit (so no
-        trainer starves while another fills up): (trainer rank, groups), or None when every
-        trainer stopped. A trainer of this node first: another node's only after waiting
-        SPILL_AFTER_S for this node's (a grant may just be on its way), or when none of this
-        node's trainers is open. Waiting and taking happen under one lock, so a STOP that
-        arrives in between cannot leave nothing to take."""
+        trainer starves while another fills up; a trainer of this node first): (trainer rank, groups), or None when every
+        trainer stopped. Waiting and taking happen under one lock, so a STOP that arrives in
+        between cannot leave nothing to take."""
         start = time.monotonic()
         with self._cond:
             try:
                 while True:
                     self._raise_if_failed()
-                    waited = time.monotonic() - start
-                    near_open = any(self._state[t] == TrainerState.OPEN for t in self.preferred)
-                    taken = proto.pick_trainer(self._credit, self._state, most, self.preferred,
-                                               spill=waited >= SPILL_AFTER_S or not near_open)
+                    taken = proto.pick_trainer(self._credit, self._state, most,
+                                                self.preferred)
                     if taken is not None:
                         self._credit[taken[0]] -= taken[1]
                         return taken
                     if self._all_stopped() or self._interrupted():
                         return None
-                    self._cond.wait(timeout=min(0.5, max(0.01, SPILL_AFTER_S - waited)))
+                    self._cond.wait(timeout=0.5)
             finally:
                 self.idle_s += time.monotonic() - start
 
