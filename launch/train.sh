@@ -57,6 +57,9 @@ info=$("$PYTHON" -m online_stablerep.commands.ranks --world "$world_arg" --nodes
   --config "$config" ${overrides[@]+"${overrides[@]}"})
 check=$?
 set -e
+if [[ $check -ne 0 && -z "$info" && "$nnodes" -gt 1 && "$world_arg" -gt 0 ]]; then
+  info="$((world_arg / nnodes))"$'\n'  # the config did not load: no output_dir to report in
+fi
 if [[ $check -ne 0 && ( "$nnodes" -eq 1 || -z "$info" ) ]]; then exit "$check"; fi
 if [[ $check -ne 0 ]]; then
   echo "node $node_rank: start-up check failed; starting its ranks so every node stops with" \
@@ -97,9 +100,11 @@ fi
 # their next step (trainers save a checkpoint first); after STOP_GRACE_S seconds whatever is left
 # is killed.
 # Each node clears only its own ranks' last words: nodes may share output_dir.
-for ((r = node_rank * per_node; r < (node_rank + 1) * per_node; r++)); do
-  rm -f "$output_dir/ranks/rank$r.json"
-done
+if [[ -n "$output_dir" ]]; then
+  for ((r = node_rank * per_node; r < (node_rank + 1) * per_node; r++)); do
+    rm -f "$output_dir/ranks/rank$r.json"
+  done
+fi
 setsid "${launcher[@]}" --module online_stablerep.cli train --config "$config" ${overrides[@]+"${overrides[@]}"} &
 job=$!
 killer=""
@@ -127,5 +132,6 @@ if [[ -n "$killer" ]]; then kill "$killer" 2>/dev/null; fi
 if [[ -n "${hostfile:-}" ]]; then rm -f "$hostfile"; fi
 # On several nodes each node's wrapper prints its own line (ranks of other nodes are read too
 # when output_dir is shared).
+if [[ -z "$output_dir" ]]; then exit "$code"; fi
 "$PYTHON" -m online_stablerep.jobs.shutdown "$output_dir" --world "$world" --code "$code" \
   --node-rank "$node_rank" --ranks-per-node "$per_node"
