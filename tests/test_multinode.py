@@ -3,8 +3,7 @@ and 1, MASTER_ADDR=127.0.0.1 and two ranks each (the deepspeed launcher's no-ssh
 demo (toy diffusion model) made small, `roles.generators=1/node`. Both nodes share output_dir,
 as nodes on a shared file system do.
 
-- it finishes, each node ran a generator, and each trainer trained mostly on its own node's
-  generator's groups;
+- it finishes and each node ran a generator (last words, each node's log);
 - a generator SIGKILLed on node 1 stops the ranks of both nodes, and each node's wrapper names
   it;
 - a model folder missing on node 1 only stops both nodes at start-up with the reason.
@@ -88,14 +87,13 @@ def test_two_nodes_finish_with_a_generator_each(tmp_path):
         0: ("trainer", "finished"), 1: ("generator", "finished"),
         2: ("trainer", "finished"), 3: ("generator", "finished")}
     assert " generator rank 1] " in node0 and " generator rank 3] " in node1
-    # Each node's generator made and sent groups.
+    # What each generator sent and which node's groups each trainer drew depend on timing, and
+    # are printed, not asserted: the generator that warms up first may fill both buffers of an
+    # 8-step run (it sends to the other node's trainer whenever its own holds no credit) before
+    # the other sends anything. The rule itself is tested in test_transport_protocol.py.
     for generator in (1, 3):
         audit = json.loads((out / "audit" / f"generator_rank{generator}.json").read_text())
-        assert audit["sent"], generator
-    # Which node's groups each trainer drew depends on timing, not asserted here: a generator
-    # sends to the other node's trainer whenever its own holds no credit (a full buffer, a
-    # grant on its way), so in a short run the generator that starts first fills both buffers.
-    # The rule itself is tested in test_transport_protocol.py.
+        print(f"generator rank {generator} sent {len(audit['sent'])} groups")
     for index in (0, 1):
         audit = json.loads((out / "audit" / f"trainer_rank{index}.json").read_text())
         makers = Counter()
