@@ -159,7 +159,7 @@ class Roles:
         if self.per_node:
             k = self.num_generators // self.nodes
             last = self.local_size - 1
-            text += (f"; on every node local ranks 0-{last - k} train and "
-                     f"{rank_ranges(list(range(last - k + 1, last + 1)))} generate, and "
+            text += (f"; on every node local ranks {rank_ranges(list(range(last - k + 1)))} "
+                     f"train and {rank_ranges(list(range(last - k + 1, last + 1)))} generate, and "
                      "generators send to their own node's trainers first")
         return text
