@@ -9,8 +9,10 @@ the job's process groups exactly as the training job does. Two modes per payload
   the data plane itself;
 - `link`: the real GeneratorLink and Receiver, credits included, with the trainer's main thread
   draining the replay buffer as fast as it fills: what the job's transport can carry.
-Images are k x 3 x 256 x 256 uint8. A repetition is enough messages to move about
-`--rep-mb` MB, timed on the receiving side after `--warmup` untimed repetitions.
+Images are k x 3 x 256 x 256 uint8 (`--size`). A repetition is enough messages to move about
+`--rep-mb` MB, timed on the receiving side after `--warmup` untimed repetitions; the receiving
+process's CPU time (all its threads, gloo's included) is recorded too:
+`receiver_cpu_ms_per_message`, what a trainer pays per message (benchmarks/scale_model.py).
 Writes benchmarks/results/transport-<machine>.{json,csv,png}.
 """
 
@@ -73,15 +75,15 @@ def plan_points(ks: list[int], per_message: list[int], size: int, rep_mb: float
 
 
 def _wire_point(groups_obj: Any, rank: int, point: dict, batch: list[CaptionGroup],
-                reps: int) -> list[float]:
-    """Back-to-back packed messages; the trainer times each repetition."""
+                reps: int) -> list[tuple[float, float]]:
+    """Back-to-back packed messages; the trainer times each repetition (wall, CPU seconds)."""
     from online_stablerep.transport import messages as msg
     from online_stablerep.transport.wire import pack_groups, unpack_groups
 
     group = groups_obj.data_plane
     seconds = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(point["messages"]):
             if rank == GENERATOR:
                 header, payload = pack_groups(batch, b"{}")
@@ -89,12 +91,12 @@ def _wire_point(groups_obj: Any, rank: int, point: dict, batch: list[CaptionGrou
             else:
                 _, _, args = msg.recv_message(group, GENERATOR, TIMEOUT_S)
                 unpack_groups(*msg.recv_data(group, GENERATOR, args, TIMEOUT_S))
-        seconds.append(time.perf_counter() - start)
+        seconds.append((time.perf_counter() - start, time.process_time() - cpu))
     return seconds
 
 
 def _link_point(groups_obj: Any, rank: int, point: dict, batch: list[CaptionGroup],
-                reps: int) -> list[float]:
+                reps: int) -> list[tuple[float, float]]:
     """The job's GeneratorLink -> Receiver path under credit; the trainer drains its buffer."""
     from online_stablerep.replay import ReplayBuffer
     from online_stablerep.transport.receiver import Receiver
@@ -124,7 +126,7 @@ def _link_point(groups_obj: Any, rank: int, point: dict, batch: list[CaptionGrou
     seconds, drained = [], 0
     try:
         for _ in range(reps):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             target = drained + per_rep
             while drained < target:
                 if receiver.error is not None:
@@ -134,7 +136,7 @@ def _link_point(groups_obj: Any, rank: int, point: dict, batch: list[CaptionGrou
                     continue
                 drained += 1
                 receiver.notify_room()
-            seconds.append(time.perf_counter() - start)
+            seconds.append((time.perf_counter() - start, time.process_time() - cpu))
     finally:
         receiver.stop()
     return seconds
@@ -197,14 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         mp.start_processes(worker, args=(_free_port(), points, args.size, args.warmup,
                                          args.reps, result_path),
                            nprocs=2, join=True, start_method="spawn")
-        timings = [Timing(s) for s in json.loads(Path(result_path).read_text())]
+        measured = json.loads(Path(result_path).read_text())
+    timings = [Timing([wall for wall, _ in reps]) for reps in measured]
+    cpu = [Timing([cpu for _, cpu in reps]) for reps in measured]
     rows = []
-    for point, timing in zip(points, timings, strict=True):
+    for point, timing, cpu_timing in zip(points, timings, cpu, strict=True):
         groups = point["messages"] * point["groups"]
         megabytes = groups * point["k"] * 3 * args.size ** 2 / 1e6
         rows.append({**point, "message_MB": megabytes / point["messages"],
                      **timing.rates(megabytes, "MB_per_s"), **timing.rates(groups, "groups_per_s"),
-                     **timing.rates(groups * point["k"], "images_per_s"), **timing.fields()})
+                     **timing.rates(groups * point["k"], "images_per_s"), **timing.fields(),
+                     "receiver_cpu_ms_per_message": cpu_timing.median / point["messages"] * 1e3})
     link_rows = [r for r in rows if r["mode"] == "link"]
     best = max(link_rows, key=lambda r: r["MB_per_s"])
     summary = {
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['mode']:>4} k={row['k']:<2} groups/msg={row['groups']:<2} "
               f"{row['MB_per_s']:8.1f} MB/s  {row['groups_per_s']:8.1f} groups/s "
-              f"(IQR {row['MB_per_s_p25']:.1f}-{row['MB_per_s_p75']:.1f} MB/s)")
+              f"(IQR {row['MB_per_s_p25']:.1f}-{row['MB_per_s_p75']:.1f} MB/s), receiver "
+              f"{row['receiver_cpu_ms_per_message']:.2f} ms CPU per message")
     print(f"wrote {paths['json']}, {paths['csv']}, {png}")
     return 0
 

@@ -4,9 +4,12 @@
 #   launch/train.sh [--config NAME_OR_PATH] [key=value ...]
 #
 # GPUs are detected (NUM_GPUS overrides); with none, the CPU demo runs (default config cpu_demo,
-# one rank per trainer/generator of the config, NUM_PROCS overrides). Multi-node: set HOSTFILE
-# (MPI style: "node-0 slots=8"); MASTER_ADDR and MASTER_PORT are taken from the environment.
-# The default config is sd15_vitb16 on GPUs and cpu_demo on the CPU.
+# one rank per trainer/generator of the config, NUM_PROCS overrides). The default config is
+# sd15_vitb16 on GPUs and cpu_demo on the CPU. Several nodes, two ways:
+# - each node starts its own launcher (no ssh: Slurm, Kubernetes; launch/slurm.sbatch): run this
+#   script on every node with NNODES, NODE_RANK (0..NNODES-1), MASTER_ADDR (node 0's address)
+#   and MASTER_PORT set; every node starts as many ranks (GPUs, or NUM_PROCS on the CPU);
+# - one launcher reaches the nodes over ssh: set HOSTFILE (MPI style: "node-0 slots=8").
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -16,10 +19,22 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) config="$2"; shift 2 ;;
     --config=*) config="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) overrides+=("$1"); shift ;;
   esac
 done
+
+nnodes=${NNODES:-1}
+node_rank=${NODE_RANK:-0}
+if [[ "$nnodes" -gt 1 && -n "${HOSTFILE:-}" ]]; then
+  echo "launch/train.sh: set either HOSTFILE (ssh) or NNODES/NODE_RANK (no ssh), not both" >&2
+  exit 2
+fi
+if [[ "$nnodes" -gt 1 && ( -z "${MASTER_ADDR:-}" || "$node_rank" -ge "$nnodes" ) ]]; then
+  echo "launch/train.sh: NNODES=$nnodes needs MASTER_ADDR (node 0's address) and NODE_RANK" \
+    "in 0..$((nnodes - 1)) (got '${NODE_RANK:-}')" >&2
+  exit 2
+fi
 
 gpus=${NUM_GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}
 if [[ "$gpus" -gt 0 ]]; then
@@ -29,12 +44,28 @@ else
 fi
 
 # Validate the config and its inputs (corpus, folders, layout) before any process starts: bad
-# input ends here with exit code 2. Prints the ranks one CPU node needs, then output_dir.
+# input ends here with exit code 2. Prints the ranks each node starts, then output_dir. On
+# several nodes without ssh this node's ranks start anyway and fail at the rendezvous with the
+# reason, so every other node stops with it too instead of waiting for this one.
 world_arg=0
-if [[ -z "${HOSTFILE:-}" && "$gpus" -gt 0 ]]; then world_arg=$gpus; fi
-if [[ -z "${HOSTFILE:-}" && "$gpus" -eq 0 && -n "${NUM_PROCS:-}" ]]; then world_arg=$NUM_PROCS; fi
-info=$("$PYTHON" -m online_stablerep.commands.ranks --world "$world_arg" --config "$config" ${overrides[@]+"${overrides[@]}"})
-cpu_ranks=${info%%$'\n'*}
+if [[ -z "${HOSTFILE:-}" && "$gpus" -gt 0 ]]; then world_arg=$((gpus * nnodes)); fi
+if [[ -z "${HOSTFILE:-}" && "$gpus" -eq 0 && -n "${NUM_PROCS:-}" ]]; then
+  world_arg=$((NUM_PROCS * nnodes))
+fi
+set +e
+info=$("$PYTHON" -m online_stablerep.commands.ranks --world "$world_arg" --nodes "$nnodes" \
+  --config "$config" ${overrides[@]+"${overrides[@]}"})
+check=$?
+set -e
+if [[ $check -ne 0 && -z "$info" && "$nnodes" -gt 1 && "$world_arg" -gt 0 ]]; then
+  info="$((world_arg / nnodes))"$'\n'  # the config did not load: no output_dir to report in
+fi
+if [[ $check -ne 0 && ( "$nnodes" -eq 1 || -z "$info" ) ]]; then exit "$check"; fi
+if [[ $check -ne 0 ]]; then
+  echo "node $node_rank: start-up check failed; starting its ranks so every node stops with" \
+    "the reason" >&2
+fi
+per_node=${info%%$'\n'*}
 output_dir=${info#*$'\n'}
 
 launcher=(deepspeed --no_local_rank --master_port "${MASTER_PORT:-29500}")
@@ -44,21 +75,36 @@ if [[ -n "${HOSTFILE:-}" ]]; then
   launcher+=(--hostfile "$HOSTFILE")
   if [[ -n "${NUM_GPUS:-}" ]]; then launcher+=(--num_gpus "$NUM_GPUS"); fi
   world=$(awk '/slots=/{split($2, a, "="); n += a[2]} END {print n + 0}' "$HOSTFILE")
-elif [[ "$gpus" -gt 0 ]]; then
-  launcher+=(--num_gpus "$gpus")
-  world=$gpus
+  per_node=$world  # one launcher reads every rank's last word (shared output_dir or not)
 else
-  # One process per rank; each pins itself to its own share of the cores (no numactl needed).
-  world=${NUM_PROCS:-$cpu_ranks}
-  launcher+=(--num_gpus "$world")
-  export ONLINE_STABLEREP_PIN_CORES=1
+  if [[ "$gpus" -gt 0 ]]; then
+    per_node=$gpus
+  else
+    per_node=${NUM_PROCS:-$per_node}
+    # One process per rank; each pins itself to its own share of the cores (no numactl needed).
+    export ONLINE_STABLEREP_PIN_CORES=1
+  fi
+  launcher+=(--num_gpus "$per_node")
+  world=$((per_node * nnodes))
+  if [[ "$nnodes" -gt 1 ]]; then
+    # No ssh: this node's launcher starts only its own ranks, global ranks
+    # NODE_RANK*per_node.. (the node names in the hostfile are never contacted).
+    hostfile=$(mktemp)
+    for ((n = 0; n < nnodes; n++)); do echo "node-$n slots=$per_node"; done > "$hostfile"
+    launcher+=(--no_ssh --node_rank "$node_rank" --num_nodes "$nnodes" --hostfile "$hostfile")
+  fi
 fi
 
 # The launcher and every rank run in their own process group: SIGTERM or SIGINT to this script
 # (a pod stop, `kill $pid`, a scheduler's preemption, Ctrl-C) goes to all of them. Ranks stop at
 # their next step (trainers save a checkpoint first); after STOP_GRACE_S seconds whatever is left
 # is killed.
-rm -rf "$output_dir/ranks"
+# Each node clears only its own ranks' last words: nodes may share output_dir.
+if [[ -n "$output_dir" ]]; then
+  for ((r = node_rank * per_node; r < (node_rank + 1) * per_node; r++)); do
+    rm -f "$output_dir/ranks/rank$r.json"
+  done
+fi
 setsid "${launcher[@]}" --module online_stablerep.cli train --config "$config" ${overrides[@]+"${overrides[@]}"} &
 job=$!
 killer=""
@@ -83,4 +129,9 @@ done
 while kill -0 -- "-$job" 2>/dev/null; do sleep 0.5; done
 if [[ -n "$killer" ]]; then kill "$killer" 2>/dev/null; fi
 # One line naming the rank that failed and its role, from the ranks' last words.
-"$PYTHON" -m online_stablerep.jobs.shutdown "$output_dir" --world "$world" --code "$code"
+if [[ -n "${hostfile:-}" ]]; then rm -f "$hostfile"; fi
+# On several nodes each node's wrapper prints its own line (ranks of other nodes are read too
+# when output_dir is shared).
+if [[ -z "$output_dir" ]]; then exit "$code"; fi
+"$PYTHON" -m online_stablerep.jobs.shutdown "$output_dir" --world "$world" --code "$code" \
+  --node-rank "$node_rank" --ranks-per-node "$per_node"

@@ -72,6 +72,49 @@ def test_report_command_prints_one_line_and_exits_with_the_jobs_code(tmp_path, c
     assert err.count("\n") == 1 and "rank 1 (generator) died without a last word" in err
 
 
+@pytest.mark.parametrize("node, line", [
+    # node 1's launcher saw rank 3 die: its own rank with no final word
+    (1, "job failed: rank 3 (generator) died without a last word"),
+    # node 0 shares output_dir: rank 3 left "running" on node 1 and is named on node 0 too
+    (0, "job failed: rank 3 (generator) on another node died without a last word"),
+])
+def test_two_nodes_each_name_the_rank_killed_on_node_1(node, line):
+    words = {0: word("trainer", "failed", "trainer rank 0: generator rank 3: closed", "peer", 1),
+             1: word("generator", "failed", "generator rank 1: trainer rank 0 aborted", "peer",
+                     1),
+             2: word("trainer", "failed", "trainer rank 2: generator rank 3: closed", "peer", 1),
+             3: word("generator", "running")}
+    text, code = summarize(words, 1, local=range(2 * node, 2 * node + 2))
+    assert text.startswith(line) and code == 1, text
+
+
+def test_another_nodes_missing_words_are_not_blamed_when_output_dir_is_not_shared():
+    # Node 0 sees only its own words: its peers' failure is reported, naming the lost rank.
+    words = {0: word("trainer", "failed", "trainer rank 0: generator rank 3: closed", "peer", 1),
+             1: word("generator", "failed", "generator rank 1: trainer rank 0 aborted", "peer",
+                     1),
+             2: None, 3: None}
+    text, _ = summarize(words, 1, local=range(0, 2))
+    assert text.startswith("job failed: rank 0 (trainer) failed: trainer rank 0: generator rank 3")
+
+
+def test_report_waits_for_the_other_nodes_final_words(tmp_path, capsys):
+    import threading
+
+    for rank, role in enumerate(["trainer", "generator", "trainer", "generator"]):
+        write_last_word(tmp_path, rank, role, "running")
+    write_last_word(tmp_path, 0, "trainer", "failed", "rank 0: generator rank 3: closed", "peer",
+                    1)
+    write_last_word(tmp_path, 1, "generator", "failed", "rank 1: trainer rank 0 aborted", "peer",
+                    1)
+    # Rank 2 (node 1) fails a moment later; rank 3 was killed and stays "running".
+    threading.Timer(0.6, write_last_word, (tmp_path, 2, "trainer", "failed",
+                                           "rank 2: generator rank 3: closed", "peer", 1)).start()
+    assert main([str(tmp_path), "--world", "4", "--code", "1", "--node-rank", "0",
+                 "--ranks-per-node", "2", "--wait-s", "3"]) == 1
+    assert "rank 3 (generator) on another node died" in capsys.readouterr().err
+
+
 def test_stop_request_takes_the_first_signal_and_ignores_repeated_sigterms():
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     seen = []

@@ -1,5 +1,8 @@
 """Two gloo processes agree with one process that holds the concatenated batch.
 
+The two are global ranks 0 and 2 of a world of 3 (rank 1 stands for a generator), as trainers
+are when every node has generators: their group ranks are not their global ranks.
+
 What is compared, per rank r of a world of W = 2 holding rows r * N_local ... of the batch:
 - losses: each rank's loss is the mean over its own rows, so the mean of the ranks' losses
   equals the single-process loss;
@@ -26,6 +29,8 @@ from online_stablerep.losses import image_text_contrastive_loss, multi_positive_
 from online_stablerep.models.sync_batchnorm import SyncBatchNorm1d
 
 WORLD = 2
+# Global ranks of the two trainers in a world of three processes.
+TRAINERS = [0, 2]
 N_CAPTIONS_LOCAL, K, DIM, TAU = 3, 3, 8, 0.1
 TIMEOUT_S = 90
 
@@ -71,14 +76,18 @@ def local_bn_rows(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([c.chunk(WORLD)[rank] for c in chunks])
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def worker(global_rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S)
+        "gloo", rank=global_rank, world_size=len(TRAINERS) + 1,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
     try:
         # A subgroup, as the trainer group is: the loss must gather over it, not the world.
-        group = dist.new_group(list(range(WORLD)))
+        group = dist.new_group(TRAINERS)
+        if global_rank not in TRAINERS:
+            return
+        rank = TRAINERS.index(global_rank)
         g = global_inputs()
         rows = len(g["ids"]) // WORLD
         text_rows = N_CAPTIONS_LOCAL
@@ -105,7 +114,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
     out_dir = str(tmp_path_factory.mktemp("ranks"))
-    context = mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD, join=False)
+    context = mp.spawn(worker, args=(free_port(), out_dir), nprocs=len(TRAINERS) + 1,
+                       join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:

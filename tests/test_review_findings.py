@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from online_stablerep.distributed.roles import Roles
 from online_stablerep.records import CaptionGroup
 from online_stablerep.replay import ReplayBuffer
 from online_stablerep.training.hybrid_source import HybridSource
@@ -21,7 +22,8 @@ from online_stablerep.transport.sender import GeneratorLink
 
 
 def fake_groups(rank, trainers, generators):
-    roles = SimpleNamespace(trainer_ranks=trainers, generator_ranks=generators)
+    roles = Roles(world_size=len(trainers) + len(generators), num_generators=len(generators))
+    assert roles.trainer_ranks == trainers and roles.generator_ranks == generators
     return SimpleNamespace(rank=rank, roles=roles, data_plane="data", control="control")
 
 

@@ -131,6 +131,35 @@ def test_credit_does_not_mutate_the_outstanding_map():
     assert outstanding == {1: 1}
 
 
+def test_credit_goes_to_this_nodes_generators_first_and_little_to_the_others():
+    # Generators 3 and 7 are on this trainer's node: they fill up to the cap first; the others
+    # share at most per_generator (4) in all, most starved first, ties to the lowest rank.
+    grants = grant_credit({3: 0, 7: 2, 11: 0, 15: 0, 19: 0}, [3, 7, 11, 15, 19], room=50,
+                          per_generator=4, preferred=[3, 7])
+    assert grants == {3: 4, 7: 2, 11: 2, 15: 1, 19: 1}
+    # Remote credit already outstanding (even from a generator not grantable now) counts.
+    assert grant_credit({3: 4, 11: 3, 15: 0}, [3, 15], room=50, per_generator=4,
+                        preferred=[3]) == {3: 0, 15: 1}
+    # Room only for the local one: remote generators get nothing.
+    assert grant_credit({3: 0, 11: 0}, [3, 11], room=4, per_generator=4,
+                        preferred=[3]) == {3: 4, 11: 0}
+    # A local generator that is not grantable (ended) does not hold back the others.
+    assert grant_credit({3: 0, 11: 0}, [11], room=9, per_generator=4, preferred=[3]) == {11: 4}
+
+
+def test_idle_remote_credit_never_fills_the_room_at_scale():
+    # 125 nodes of 1 trainer and 7 generators: the others' generators never send here while
+    # their own trainer has credit; what they may hold stays one generator's worth.
+    local = list(range(1, 8))
+    remote = [r for r in range(8, 1000) if r % 8]  # 868: local ranks 1-7 of the other nodes
+    outstanding = dict.fromkeys(local + remote, 0)
+    for _ in range(50):  # the trainer grants again and again; nobody sends
+        for g, n in grant_credit(outstanding, local + remote, room=688 - sum(
+                outstanding.values()), per_generator=8, preferred=local).items():
+            outstanding[g] += n
+    assert sum(outstanding[g] for g in local) == 56 and sum(outstanding[g] for g in remote) == 8
+
+
 # ---- a trainer as a generator sees it -------------------------------------------------------
 
 
@@ -186,6 +215,19 @@ def test_pick_trainer_with_no_credit_left_returns_none_instead_of_raising():
     assert pick_trainer({}, {}, most=4) is None
 
 
+def test_pick_trainer_prefers_its_own_nodes_trainers_while_they_hold_credit():
+    states = dict.fromkeys([0, 1, 4, 5], T.OPEN)
+    # Remote trainer 4 holds the most credit, but local trainers 0 and 1 come first.
+    assert pick_trainer({0: 1, 1: 2, 4: 9, 5: 0}, states, most=8, preferred=[0, 1]) == (1, 2)
+    # Ties go to the lowest rank, so the choice is a function of the credit alone.
+    assert pick_trainer({0: 2, 1: 2, 4: 9, 5: 0}, states, most=1, preferred=[0, 1]) == (0, 1)
+    # The node's trainers hold no credit (full buffers): spill to the others, most credit first.
+    assert pick_trainer({0: 0, 1: 0, 4: 3, 5: 5}, states, most=8, preferred=[0, 1]) == (5, 5)
+    # A local trainer that stopped is skipped even if it still shows credit.
+    stopped = {**states, 1: T.STOPPING}
+    assert pick_trainer({0: 0, 1: 6, 4: 3, 5: 0}, stopped, most=8, preferred=[0, 1]) == (4, 3)
+
+
 # ---- the start-up budget, with a scripted generator in place of gloo --------------------------
 
 
@@ -203,7 +245,9 @@ def test_a_warming_generator_is_kept_until_the_startup_budget_then_named(monkeyp
 
     monkeypatch.setattr(msg, "recv_message", keepalives)
     monkeypatch.setattr(msg, "send_message", lambda *a, **k: None)
-    roles = SimpleNamespace(trainer_ranks=[0], generator_ranks=[1])
+    from online_stablerep.distributed.roles import Roles
+
+    roles = Roles(world_size=2, num_generators=1)
     groups = SimpleNamespace(rank=0, roles=roles, data_plane="data", control="control")
     receiver = Receiver(groups, ReplayBuffer(8, 1), 4, timeout_s=0.5, startup_timeout_s=2.0)
     receiver.start()
@@ -215,3 +259,12 @@ def test_a_warming_generator_is_kept_until_the_startup_budget_then_named(monkeyp
     assert "generator rank 1 still warming up" in str(receiver.error)
     assert "transport.startup_timeout_s" in str(receiver.error)
     assert receiver.states()[1] == GenState.LOST
+
+
+def test_peers_on_other_nodes_are_pinged_less_often_but_well_inside_the_timeout():
+    from online_stablerep.transport.messages import keepalive_interval, remote_keepalive_interval
+
+    assert keepalive_interval(120) == 5 and remote_keepalive_interval(120) == 40
+    # Three pings per timeout at least, and never more often than a local peer's.
+    for timeout in (4, 10, 20, 120, 600):
+        assert keepalive_interval(timeout) <= remote_keepalive_interval(timeout) <= timeout / 3

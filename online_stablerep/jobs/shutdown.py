@@ -85,22 +85,34 @@ def read_last_words(output_dir: str | Path, world: int) -> dict[int, dict[str, A
     return words
 
 
-def summarize(words: dict[int, dict[str, Any] | None], launcher_code: int) -> tuple[str, int]:
+def summarize(
+    words: dict[int, dict[str, Any] | None], launcher_code: int,
+    local: range | None = None,
+) -> tuple[str, int]:
     """One line saying how the job ended, naming the failed rank and its role; and the job's
     exit code. The rank to blame: one that failed of its own error, else one that vanished
-    without a final word (killed: SIGKILL, the OOM killer), else one failed by a peer."""
+    without a final word (killed: SIGKILL, the out-of-memory killer), else one failed by a peer.
+
+    `local` holds the ranks of this node (default: all), whose launcher has exited: a local
+    rank with no final word vanished. Another node's rank may still be running, or its word
+    may sit on that node's disk: it counts as vanished only with a "running" word, and a
+    missing one is not blamed (`wait_for_final_words` gives those nodes time first).
+    """
+    local = range(len(words)) if local is None else local
     final = {r: w for r, w in words.items() if w is not None and w["status"] != "running"}
-    vanished = [r for r in words if r not in final]
+    vanished = [r for r in words if r not in final and (r in local or words[r] is not None)]
     own = [r for r, w in final.items() if w["status"] == "failed" and w["cause"] != "peer"]
     failed = [r for r, w in final.items() if w["status"] == "failed"]
     if own:
         w = final[own[0]]
         return f"job failed: rank {own[0]} ({w['role']}) failed: {w['reason']}", w["code"] or 1
     if vanished:
-        r = vanished[0]
+        r = min(vanished, key=lambda v: (v not in local, v))  # this node's first
         role = f" ({words[r]['role']})" if words[r] else ""
-        return (f"job failed: rank {r}{role} died without a last word (killed by SIGKILL, the "
-                "out-of-memory killer, or a crash of the interpreter)"), launcher_code or 1
+        where = "" if r in local else " on another node"
+        return (f"job failed: rank {r}{role}{where} died without a last word (killed by "
+                "SIGKILL, the out-of-memory killer, or a crash of the interpreter)"), (
+                    launcher_code or 1)
     if failed:
         w = final[failed[0]]
         return f"job failed: rank {failed[0]} ({w['role']}) failed: {w['reason']}", w["code"] or 1
@@ -111,14 +123,41 @@ def summarize(words: dict[int, dict[str, Any] | None], launcher_code: int) -> tu
     return "job finished: every rank exited cleanly", launcher_code
 
 
+def wait_for_final_words(
+    output_dir: str | Path, world: int, local: range, wait_s: float
+) -> dict[int, dict[str, Any] | None]:
+    """The last words, once every other node's rank that wrote "running" (into a shared
+    output_dir) has written its final word, or after `wait_s`: this node's ranks have exited,
+    so the other nodes' ranks are failing too (in seconds, at most `transport.timeout_s`) and
+    a killed one stays "running". A rank slower than `wait_s` to write may be blamed wrongly
+    on this node's line; its own node's line is right."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        words = read_last_words(output_dir, world)
+        own = any(w and w["status"] == "failed" and w["cause"] != "peer" for w in words.values())
+        pending = [r for r, w in words.items()
+                   if r not in local and w is not None and w["status"] == "running"]
+        if own or not pending or time.monotonic() > deadline:
+            return words
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="online_stablerep.jobs.shutdown",
                                      description="Say how a job ended, from its ranks' last words.")
     parser.add_argument("output_dir")
     parser.add_argument("--world", type=int, required=True, help="ranks the job started")
     parser.add_argument("--code", type=int, default=0, help="the launcher's exit code")
+    parser.add_argument("--node-rank", type=int, default=0, help="this node's index")
+    parser.add_argument("--ranks-per-node", type=int, default=0,
+                        help="ranks this node's launcher started (0: the whole world)")
+    parser.add_argument("--wait-s", type=float, default=10.0,
+                        help="how long to wait for other nodes' ranks to write a final word")
     args = parser.parse_args(argv)
-    line, code = summarize(read_last_words(args.output_dir, args.world), args.code)
+    per_node = args.ranks_per_node or args.world
+    local = range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
+    words = wait_for_final_words(args.output_dir, args.world, local, args.wait_s)
+    line, code = summarize(words, args.code, local)
     print(line, file=sys.stderr if code else sys.stdout, flush=True)
     return code
 

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from online_stablerep.config import Config, ConfigError, save_config
-from online_stablerep.config.inputs import check_inputs
+from online_stablerep.config.inputs import InputError, check_inputs
 from online_stablerep.config.validate import real_groups_per_batch, resolved_min_pool
 from online_stablerep.distributed.env import default_device, local_world_size
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
+from online_stablerep.distributed.startup import StartupError, agree_on_startup, several_nodes
 from online_stablerep.jobs.shutdown import StopRequest, write_last_word
 from online_stablerep.monitoring.metrics import (
     MetricSink,
@@ -49,7 +50,8 @@ def single_process_env() -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    if "LOCAL_SIZE" not in os.environ:  # the deepspeed launcher's ranks-per-node
+        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
@@ -64,6 +66,29 @@ def _pin_cpu_cores() -> None:
     mine = cores[(local * share) % len(cores):][:share]
     os.sched_setaffinity(0, mine)
     torch.set_num_threads(len(mine))
+
+
+# Sockets a rank holds per peer: one gloo pair for each of the world-wide gloo groups (default,
+# data plane, control) and the trainer group on CPU (benchmarks/scale_model.py measured 3.95).
+SOCKETS_PER_PEER = 4
+
+
+def _raise_open_files_limit(world: int, rank: int) -> None:
+    """Gloo connects every pair of ranks of a group: at 1,000 ranks a rank holds about 4,000
+    sockets, past the usual soft limit of 1,024 open files. Raise the soft limit to the hard
+    one when the job needs more, and say so when even that is too low."""
+    import resource
+
+    need = SOCKETS_PER_PEER * world + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    top = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    if top < need and rank == 0:
+        console(f"warning: a job of {world} ranks needs about {need} open files per rank "
+                f"(gloo's sockets) but the hard limit is {hard}: raise it (ulimit -n) or "
+                "group creation fails with 'Too many open files'", rank=rank)
 
 
 def _trainer_source(
@@ -193,6 +218,15 @@ def _run_generator(
                          stop)
 
 
+def _role_name(cfg: Config, rank: int, world: int, local: int) -> str:
+    """"trainer" or "generator" for last words and console lines ("unknown": a bad layout)."""
+    try:
+        roles = Roles.from_spec(cfg.roles.generators, world, local)
+    except ConfigError:
+        return "unknown"
+    return "trainer" if roles.is_trainer(rank) else "generator"
+
+
 def _failure(err: BaseException) -> tuple[str, str, bool]:
     """(reason, cause, traceback wanted): errors about input, the disk or a peer are reported in
     one line; a traceback is for bugs."""
@@ -205,6 +239,8 @@ def _failure(err: BaseException) -> tuple[str, str, bool]:
         f"{type(err).__name__}: {err}")
     if isinstance(err, TransportError):
         return str(err), "peer", False
+    if isinstance(err, StartupError):
+        return str(err), "own" if err.own else "peer", False
     described = describe_failure(err)
     if described.startswith(("connection closed", "stopped answering")):
         return f"{type(err).__name__}: {described}", "peer", False
@@ -221,6 +257,8 @@ def run_job(cfg: Config) -> int:
 
     Raises:
         InputError: bad input, before any process group or model exists (the CLI exits 2).
+            On several nodes bad input instead fails every rank after the rendezvous, each
+            with a last word naming the rank that failed (exit code 2).
     """
     single_process_env()
     device = default_device()
@@ -232,10 +270,20 @@ def run_job(cfg: Config) -> int:
         torch.set_num_threads(cfg.train.cpu_threads)
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
+    local = local_world_size(world)
+    _raise_open_files_limit(world, rank)
     # 1. Everything that can fail on bad input fails here, before any group or model exists
-    # (InputError: the CLI prints one line and exits 2).
-    roles = check_inputs(cfg, world, local_world_size(world))
-    role = "trainer" if roles.is_trainer(rank) else "generator"
+    # (InputError: the CLI prints one line and exits 2). On several nodes the failure is held
+    # until the rendezvous, so every node hears of it (distributed/startup.py).
+    roles: Roles | None = None
+    failure: str | None = None
+    try:
+        roles = check_inputs(cfg, world, local)
+    except InputError as err:
+        if not several_nodes(world, local):
+            raise
+        failure = f"input error: {err}"
+    role = _role_name(cfg, rank, world, local)
     stop = StopRequest()
     stop.install(lambda name: console(
         f"received {name}: stopping at the next step (trainers save a checkpoint first)",
@@ -245,6 +293,9 @@ def run_job(cfg: Config) -> int:
         # 2. torch.distributed first (no device_id), then DeepSpeed reuses it. Ranks start at
         # different speeds (imports on a loaded node): the rendezvous has the start-up budget.
         init_with_deepspeed(device, cfg.transport.startup_timeout_s)
+        if several_nodes(world, local):
+            agree_on_startup(failure, local)
+        assert roles is not None
         groups = create_groups(roles, device, cfg.transport.timeout_s)
         if rank == 0:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -263,11 +314,12 @@ def run_job(cfg: Config) -> int:
         return code
     except BaseException as err:
         reason, cause, want_traceback = _failure(err)
+        code = 2 if isinstance(err, StartupError) else 1
         print(f"[{role} rank {rank}] failed: {reason}", file=sys.stderr, flush=True)
         if want_traceback:
             traceback.print_exc()
-        write_last_word(cfg.output_dir, rank, role, "failed", reason, cause, code=1)
-        return 1
+        write_last_word(cfg.output_dir, rank, role, "failed", reason, cause, code=code)
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -15,6 +15,28 @@ import torch.nn.functional as F
 from online_stablerep.distributed.env import get_rank, get_world_size
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather with autograd that works on any subgroup: the backward all-reduces the
+    gathered gradient and keeps this rank's rows. torch.distributed.nn's all_gather backward
+    on gloo scatters from group ranks as if they were global ranks, which fails once the
+    trainers are not global ranks 0..T-1 (generators on every node)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        ctx.rows = rows.shape[0]
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, rows.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        start = dist.get_rank(ctx.group) * ctx.rows
+        return grad[start : start + ctx.rows], None
+
+
 def gather_rows(
     rows: torch.Tensor, group: dist.ProcessGroup | None, with_grad: bool
 ) -> tuple[torch.Tensor, int]:
@@ -34,12 +56,14 @@ def gather_rows(
     world = get_world_size(group) if group is not None else 1
     if world == 1:
         return rows, 0
+    offset = get_rank(group) * rows.shape[0]
+    if with_grad and dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.cat(dist_nn.all_gather(rows, group=group), dim=0), offset
     if with_grad:
-        parts = dist_nn.all_gather(rows, group=group)
-    else:
-        parts = [torch.empty_like(rows) for _ in range(world)]
-        dist.all_gather(parts, rows.contiguous(), group=group)
-    return torch.cat(parts, dim=0), get_rank(group) * rows.shape[0]
+        return _GatherRows.apply(rows, group), offset
+    parts = [torch.empty_like(rows) for _ in range(world)]
+    dist.all_gather(parts, rows.contiguous(), group=group)
+    return torch.cat(parts, dim=0), offset
 
 
 def soft_cross_entropy(

@@ -11,8 +11,9 @@ Direction and group:
 - generator -> trainer on `JobGroups.data_plane`: DATA(header, payload), KEEPALIVE, END, FAIL(blob).
 
 Gloo poisons a whole group when a wait times out, so no wait here ever times out in normal
-operation: peers send KEEPALIVE every `keepalive_interval(timeout_s)` seconds, and a timeout
-means that every peer the wait could be answered by has gone silent.
+operation: peers send KEEPALIVE every `keepalive_interval(timeout_s)` seconds (peers on other
+nodes of a K/node layout every `remote_keepalive_interval`), and a timeout means that every
+peer the wait could be answered by has gone silent.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def keepalive_interval(timeout_s: float) -> float:
     """Seconds between keepalives: often enough that a live peer is never mistaken for a dead
     one, rarely enough to cost nothing."""
     return min(5.0, timeout_s / 4)
+
+
+def remote_keepalive_interval(timeout_s: float) -> float:
+    """Seconds between keepalives to a peer on another node when generators keep to their own
+    node (K/node): such a peer hears nothing else, so these keep it from being taken for dead,
+    at a twelfth of the fan-in at the default timeout (at 1,000 ranks a trainer would otherwise
+    hear from every generator every 5 s: docs/performance.md, "Scale: 1,000 GPUs")."""
+    return max(keepalive_interval(timeout_s), timeout_s / 3)
 
 
 def _wait(work: dist.Work, timeout_s: float) -> None:

@@ -148,21 +148,34 @@ def gen_lost(state: GenState) -> GenState:
 
 
 def grant_credit(
-    outstanding: dict[int, int], grantable: list[int], room: int, per_generator: int
+    outstanding: dict[int, int], grantable: list[int], room: int, per_generator: int,
+    preferred: list[int] | None = None,
 ) -> dict[int, int]:
     """The credit rule: hand out at most `room` slots (the buffer's room minus credit already
     outstanding), one at a time to the grantable generator with the least outstanding, never
-    more than `per_generator` outstanding each. Returns generator rank -> new credit."""
+    more than `per_generator` outstanding each. Returns generator rank -> new credit.
+
+    With `preferred` (the generators on this trainer's node) those are served first, and the
+    others share at most `per_generator` outstanding in all: their credit mostly sits unused
+    (they send to their own node first), and unused credit still counts against the room, so
+    without that cap idle credit for hundreds of remote generators would fill the room and
+    starve this node's generators."""
     held = {g: outstanding[g] for g in grantable}
     grants = dict.fromkeys(grantable, 0)
-    while room > 0:
-        open_ = [g for g in grantable if held[g] < per_generator]
-        if not open_:
-            break
-        g = min(open_, key=lambda r: held[r])
-        held[g] += 1
-        grants[g] += 1
-        room -= 1
+    near = [g for g in grantable if preferred is None or g in preferred]
+    far = [g for g in grantable if g not in near]
+    spill = per_generator - sum(v for g, v in outstanding.items()
+                                if preferred is not None and g not in preferred)
+    for tier, budget in ((near, room), (far, spill)):
+        while room > 0 and budget > 0:
+            open_ = [g for g in tier if held[g] < per_generator]
+            if not open_:
+                break
+            g = min(open_, key=lambda r: held[r])
+            held[g] += 1
+            grants[g] += 1
+            room -= 1
+            budget -= 1
     return grants
 
 
@@ -232,13 +245,16 @@ def trainer_lost(state: TrainerState) -> TrainerState:
 
 
 def pick_trainer(
-    credit: dict[int, int], states: dict[int, TrainerState], most: int
+    credit: dict[int, int], states: dict[int, TrainerState], most: int,
+    preferred: list[int] | None = None,
 ) -> tuple[int, int] | None:
     """Where the next groups go: the open trainer holding the most credit (so no trainer starves
-    while another fills up) and how many of `most` it takes; None when no open trainer holds
-    credit."""
+    while another fills up; ties to the lowest rank) and how many of `most` it takes; among
+    `preferred` trainers (the generator's node) while any of them holds credit, else among all.
+    None when no open trainer holds credit."""
     holders = [t for t, s in states.items() if s == TrainerState.OPEN and credit[t] > 0]
     if not holders:
         return None
-    trainer = max(holders, key=lambda t: credit[t])
+    near = [t for t in holders if preferred is not None and t in preferred]
+    trainer = max(near or holders, key=lambda t: (credit[t], -t))
     return trainer, min(most, credit[trainer])

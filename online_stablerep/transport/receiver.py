@@ -51,6 +51,8 @@ class Receiver:
         self.timeout_s = timeout_s
         self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self.generators = groups.roles.generator_ranks
+        # Generators on this trainer's node get credit first (K/node layouts).
+        self.preferred = groups.roles.preferred_generators(self.rank)
         self.error: TransportError | None = None
         # One lock for everything below; the replay buffer is only ever filled under it, so a
         # snapshot taken under it (snapshot()) holds exactly the groups its cursors count.
@@ -229,6 +231,8 @@ class Receiver:
 
     def _control_loop(self) -> None:
         interval = msg.keepalive_interval(self.timeout_s)
+        remote = msg.remote_keepalive_interval(self.timeout_s)
+        every = {g: interval if g in self.preferred else remote for g in self.generators}
         # 1. Hello: where each generator's stream continues (RESUME) or that it starts fresh.
         for g in self.generators:
             if g in self._resume:
@@ -254,7 +258,7 @@ class Receiver:
                     grantable = [g for g, s in self._state.items() if s in proto.GRANTABLE]
                     room = self.buffer.room() - sum(self._outstanding.values())
                     grants = proto.grant_credit(self._outstanding, grantable, room,
-                                                self.credits_per_generator)
+                                                self.credits_per_generator, self.preferred)
                     for g, n in grants.items():
                         self._outstanding[g] += n
                 talk_to = [g for g, s in self._state.items() if s in proto.TALKING]
@@ -277,7 +281,7 @@ class Receiver:
             for g in talk_to:
                 if grants.get(g):
                     self._send(g, Kind.CREDIT, grants[g])
-                elif now - last_sent[g] >= interval:
+                elif now - last_sent[g] >= every[g]:
                     self._send(g, Kind.KEEPALIVE)
                 else:
                     continue

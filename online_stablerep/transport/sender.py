@@ -45,6 +45,8 @@ class GeneratorLink:
         self.timeout_s = timeout_s
         self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self.trainers = groups.roles.trainer_ranks
+        # Trainers on this generator's node come first (K/node layouts): images stay on the node.
+        self.preferred = groups.roles.preferred_trainers(self.rank)
         self.error: TransportError | None = None
         self.idle_s = 0.0
         # Until the first batch is queued, keepalives tell trainers "alive, warming up".
@@ -118,7 +120,7 @@ class GeneratorLink:
         with self._cond:
             while True:
                 self._raise_if_failed()
-                if proto.pick_trainer(self._credit, self._state, 1) is not None:
+                if proto.pick_trainer(self._credit, self._state, 1, self.preferred) is not None:
                     break
                 if self._all_stopped() or self._interrupted():
                     break
@@ -128,7 +130,7 @@ class GeneratorLink:
 
     def take_credit(self, most: int) -> tuple[int, int] | None:
         """Reserve up to `most` groups of credit at the trainer holding the most credit (so no
-        trainer starves while another fills up): (trainer rank, groups), or None when every
+        trainer starves while another fills up; a trainer of this node first): (trainer rank, groups), or None when every
         trainer stopped. Waiting and taking happen under one lock, so a STOP that arrives in
         between cannot leave nothing to take."""
         start = time.monotonic()
@@ -136,7 +138,8 @@ class GeneratorLink:
             try:
                 while True:
                     self._raise_if_failed()
-                    taken = proto.pick_trainer(self._credit, self._state, most)
+                    taken = proto.pick_trainer(self._credit, self._state, most,
+                                                self.preferred)
                     if taken is not None:
                         self._credit[taken[0]] -= taken[1]
                         return taken
@@ -263,6 +266,8 @@ class GeneratorLink:
     def _send_loop(self) -> None:
         group, timeout = self.groups.data_plane, self.timeout_s
         interval = msg.keepalive_interval(timeout)
+        remote = msg.remote_keepalive_interval(timeout)
+        every = {t: interval if t in self.preferred else remote for t in self.trainers}
         last_sent = dict.fromkeys(self.trainers, 0.0)
         while True:
             with self._cond:
@@ -290,7 +295,7 @@ class GeneratorLink:
             now = time.monotonic()
             if item is None:
                 targets = [(Kind.KEEPALIVE, t, None) for t in open_
-                           if now - last_sent[t] >= interval]
+                           if now - last_sent[t] >= every[t]]
             else:
                 targets = [item] if item[1] in open_ else []
             for kind, t, body in targets:
