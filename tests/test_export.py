@@ -96,13 +96,21 @@ def test_pretrained_cfg_overlay_loads_the_same_weights(trained_run, tmp_path):
                                    .encode_image(images), rtol=0, atol=1e-5)
 
 
-def test_export_names_a_missing_config_and_an_incomplete_checkpoint(tmp_path):
+def _export(argv: list[str]) -> int:
+    """The export command in this process (its errors need no fresh interpreter)."""
+    from online_stablerep.cli import build_parser
+    from online_stablerep.commands import export
+
+    return export.run(build_parser().parse_args(["export", *argv]))
+
+
+def test_export_names_a_missing_config_and_an_incomplete_checkpoint(tmp_path, capsys):
     lonely = tmp_path / "somewhere" / "checkpoints" / "step_00000001"
     lonely.mkdir(parents=True)
-    result = run_cli(["export", "--checkpoint", str(lonely), "--out", str(tmp_path / "o")])
-    assert result.returncode == 2
-    assert "config.yaml" in result.stderr and "--config" in result.stderr
-    result = run_cli(["export", "--checkpoint", str(lonely), "--out", str(tmp_path / "o"),
-                      "--config", "cpu_procedural"])
-    assert result.returncode == 2
-    assert "not a complete checkpoint" in result.stderr and "meta.json" in result.stderr
+    assert _export(["--checkpoint", str(lonely), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and "--config" in err
+    assert _export(["--checkpoint", str(lonely), "--out", str(tmp_path / "o"),
+                    "--config", "cpu_procedural"]) == 2
+    err = capsys.readouterr().err
+    assert "not a complete checkpoint" in err and "meta.json" in err
