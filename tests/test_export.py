@@ -31,7 +31,7 @@ assert not any(m.startswith("online_stablerep") for m in sys.modules)
 config = timm.data.resolve_data_config({}, model=model)
 with torch.no_grad():
     torch.save({"features": model(torch.load(images)), "input_size": config["input_size"],
-                "mean": config["mean"]}, images + ".out")
+                "mean": config["mean"], "crop_pct": config["crop_pct"]}, images + ".out")
 """
 
 
@@ -73,6 +73,7 @@ def test_exported_backbone_gives_the_checkpoints_features(trained_run, tmp_path)
     # The training normalisation and crop size travel with the weights.
     assert tuple(got["input_size"]) == (3, 32, 32)
     assert tuple(got["mean"]) == pytest.approx(tuple(cfg.augment.mean))
+    assert got["crop_pct"] == 1.0
     # A trained model differs from a random one: the comparison above can fail.
     assert not torch.allclose(want, _random_encoder(cfg)(images), atol=1e-3)
     head = json.loads((export_dir / "head.json").read_text())

@@ -58,8 +58,9 @@ def export_encoder(cfg: Config, checkpoint: Path, out: Path, head: bool = False)
     model = load_trained_model(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     size = cfg.model.image_size
+    # crop_pct 1: the probes resize the shorter side to the size and centre-crop it whole.
     data_config = {"input_size": (3, size, size), "mean": tuple(cfg.augment.mean),
-                   "std": tuple(cfg.augment.std)}
+                   "std": tuple(cfg.augment.std), "crop_pct": 1.0}
     # timm records the arguments its factory saw (img_size for ViTs): the same call rebuilds it.
     save_for_hf(model.backbone, str(out), safe_serialization=True, data_config=data_config)
     written = [out / "model.safetensors", out / "config.json"]
