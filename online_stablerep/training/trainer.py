@@ -105,7 +105,10 @@ class Trainer:
         self.sink = sink or MetricSink()
         # Turns the logged figures into a console line comparing them with the plan.
         self.compare = compare
+        # Rank inside the trainer group (checkpoint shards, seeds, audit files); console lines
+        # name the global rank, as transport messages and last words do.
         self.rank = get_rank(self.group)
+        self.global_rank = groups.rank
         self.world = get_world_size(self.group)
         self.bf16 = use_bf16(cfg, device)
         self.n = cfg.batch.captions_per_batch
@@ -200,7 +203,7 @@ class Trainer:
     def resume(self) -> bool:
         """Load the newest complete checkpoint of output_dir; False when there is none."""
         path = ckpt.newest_checkpoint(
-            self.cfg.output_dir, warn=lambda text: console(f"warning: {text}", rank=self.rank))
+            self.cfg.output_dir, warn=lambda text: console(f"warning: {text}", rank=self.global_rank))
         if path is None:
             return False
         model_state, state, _ = ckpt.load_checkpoint(path, self.rank, self.world)
@@ -213,7 +216,7 @@ class Trainer:
         self.source.load_state_dict(state["source"])
         self.step = int(state["step"])
         self.losses = list(state["losses"])
-        console(f"resumed from {path} at step {self.step}", rank=self.rank)
+        console(f"resumed from {path} at step {self.step}", rank=self.global_rank)
         return True
 
     def _write_audit(self) -> None:
@@ -323,12 +326,12 @@ class Trainer:
                 f"buffer {values['buffer/groups']:.0f} reuse {values['buffer/mean_reuse']:.2f} "
                 f"overlap {values['buffer/batch_overlap']:.0%} "
                 f"spread {values['buffer/use_spread_steps']:.1f} steps",
-                rank=self.rank,
+                rank=self.global_rank,
             )
             if self.compare is not None:
-                console(self.compare(values), rank=self.rank)
+                console(self.compare(values), rank=self.global_rank)
             if advice:
-                console(advice, rank=self.rank)
+                console(advice, rank=self.global_rank)
 
     def _grid(self, batch: TrainBatch) -> None:
         """The newest groups received, each a row of every image its generator made, with
@@ -372,7 +375,7 @@ class Trainer:
                         f"{skipped} consecutive non-finite losses up to step {self.step + 1}: "
                         "skipping cannot recover this run"
                     )
-                console(f"skipping step {self.step + 1}: non-finite loss {loss}", rank=self.rank)
+                console(f"skipping step {self.step + 1}: non-finite loss {loss}", rank=self.global_rank)
                 self.engine.zero_grad()
                 continue
             skipped = 0
