@@ -8,10 +8,8 @@ checkpoints so a resumed run continues where it stopped.
 
 from __future__ import annotations
 
-import glob
 import io
 import random
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,8 @@ import torch
 from PIL import Image
 
 from online_stablerep.eval.datasets import IMAGE_EXTENSIONS, load_image, square_image
+from online_stablerep.producers.shards import shard_files
+from online_stablerep.shards.format import ShardError, iter_samples
 
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHARD_CAPTION_KEY = "txt"
@@ -37,14 +37,6 @@ class RealImage:
     caption: str
     # Index of the image in the whole source (the same on every rank): unique per image.
     uid: int
-
-
-def shard_files(path: str) -> list[Path]:
-    """The .tar files of a folder, or those matching a glob, sorted."""
-    root = Path(path).expanduser()
-    if root.is_dir():
-        return sorted(root.glob("*.tar"))
-    return sorted(Path(p) for p in glob.glob(str(root)) if p.endswith(".tar"))
 
 
 def is_image_folder(path: str) -> bool:
@@ -95,17 +87,12 @@ class ImageFolderSource:
 
 
 def shard_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of each sample of one tar, grouped as WebDataset does."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
+    """(key, {extension: bytes}) of each sample of one tar (the spill's reader: WebDataset's
+    grouping of members by key)."""
     try:
-        with path.open("rb") as stream:
-            members = tar_file_expander([{"stream": stream, "url": str(path)}])
-            for sample in group_by_keys(members):
-                key = sample.pop("__key__")
-                yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
-    except (OSError, ValueError, tarfile.TarError) as err:
-        raise RealImageError(f"mix.real_path: cannot read shard {path}: {err}") from None
+        yield from iter_samples(path)
+    except ShardError as err:
+        raise RealImageError(f"mix.real_path: {err}") from None
 
 
 def decode_shard_sample(path: Path, key: str, sample: dict[str, bytes],
