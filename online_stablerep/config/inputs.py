@@ -70,7 +70,7 @@ def _looks_like_path(text: str) -> bool:
 
 def _check_generator_model(cfg: Config) -> None:
     from online_stablerep.config.validate import RANDOM_ARCHITECTURES
-    from online_stablerep.producers.pipeline import SHIPPED_MODELS
+    from online_stablerep.producers.shipped import SHIPPED_MODELS
 
     model = cfg.generator.model
     if model not in RANDOM_ARCHITECTURES:

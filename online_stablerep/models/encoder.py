@@ -12,7 +12,6 @@ from torch import nn
 
 from online_stablerep.config.schema import Config
 from online_stablerep.models.head import ProjectionHead
-from online_stablerep.models.text import build_text_tower
 
 # CLIP's initial temperature 0.07, stored as a log so the optimiser can move it freely.
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -129,5 +128,10 @@ def build_model(cfg: Config, group: dist.ProcessGroup | None = None) -> StableRe
     m = cfg.model
     backbone = build_backbone(m.backbone, m.image_size, m.drop_path_rate)
     head = ProjectionHead(backbone.num_features, m.head_hidden_dim, m.embed_dim, m.head, group)
-    text_tower = build_text_tower(m) if m.text_tower else None
+    text_tower = None
+    if m.text_tower:
+        # open_clip costs about 2 s to import: only StableRep++ runs pay for it.
+        from online_stablerep.models.text import build_text_tower
+
+        text_tower = build_text_tower(m)
     return StableRepModel(backbone, head, text_tower, m.embed_dim)

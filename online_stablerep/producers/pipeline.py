@@ -12,7 +12,6 @@ import logging
 import warnings
 from dataclasses import dataclass
 from importlib.util import find_spec
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from online_stablerep.producers.architectures import (
 )
 from online_stablerep.producers.artefacts import fuse_lora, load_tiny_vae, load_unet
 from online_stablerep.producers.feature_cache import DeepCacheUNet
+from online_stablerep.producers.shipped import SHIPPED_MODELS
 from online_stablerep.producers.tokenizer import build_clip_tokenizer, check_vocab_size
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Trained models shipped inside the package, by name; they load like any diffusers folder.
-SHIPPED_MODELS: dict[str, Path] = {
-    "toy": Path(__file__).resolve().parent.parent / "data" / "toy_sd",
-}
 
 
 @dataclass
