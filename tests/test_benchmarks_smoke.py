@@ -84,3 +84,18 @@ def test_generator_benchmark_writes_recipe_and_lever_rows(tmp_path):
     assert fast["flops_per_image"] < rows["ours"]["flops_per_image"] / 5
     assert document["summary"]["levers"].keys() == {"ours", "deep_cache_2"}
     assert next(tmp_path.glob("generator-*.png")).stat().st_size > 0
+
+
+def test_real_mix_benchmark_compares_both_modes(tmp_path):
+    from benchmarks import real_mix
+
+    assert real_mix.main(["--warmup", "1", "--reps", "2", "--blocks", "1", "--real", "2",
+                          "--rows", "8", "--output-size", "32", "--out", str(tmp_path)]) == 0
+    document = json.loads(next(tmp_path.glob("real-mix-*.json")).read_text())
+    modes = {row["mode"]: row for row in document["rows"]}
+    assert {m: r["prefetch_batches"] for m, r in modes.items()} == {
+        "trainer_thread": 0, "prefetch": 2}
+    for row in modes.values():
+        assert row["repetitions"] == 2 and row["steps_per_s"] > 0 and row["wait_ms_per_step"] >= 0
+    assert document["summary"]["prefetch_over_trainer_thread"] == pytest.approx(
+        modes["prefetch"]["steps_per_s"] / modes["trainer_thread"]["steps_per_s"])

@@ -47,6 +47,7 @@ def test_overrides_apply():
         ("export.quality=0", "export.quality"),
         ("export.groups_per_shard=0", "export.groups_per_shard"),
         ("producer.kind=shards", "shards.path"),
+        ("mix.prefetch_batches=-1", "mix.prefetch_batches"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -361,6 +361,9 @@ class MixConfig:
     # Skip (count and log as mix/skipped) real images that do not decode, samples without an
     # image or caption, and the unreadable rest of a corrupt shard, instead of failing.
     skip_bad_samples: bool = False
+    # Batches of real images decoded ahead on a background thread, off the trainer's critical
+    # path (0: decode on the trainer's thread, as each batch is made).
+    prefetch_batches: int = 2
 
 
 @dataclass

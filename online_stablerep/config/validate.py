@@ -181,6 +181,8 @@ def _validate_mix(cfg: Config) -> None:
     mix, n = cfg.mix, cfg.batch.captions_per_batch
     _require(0.0 <= mix.real_fraction < 1.0, "mix.real_fraction",
              f"{mix.real_fraction} not in [0, 1) (some of each batch must be generated)")
+    _require(mix.prefetch_batches >= 0, "mix.prefetch_batches",
+             f"{mix.prefetch_batches} is negative (0 decodes on the trainer's thread)")
     if mix.real_fraction == 0:
         return
     _require(bool(mix.real_path), "mix.real_path",

@@ -120,7 +120,12 @@ def _trainer_source(
     real = RealImageStream(cfg.mix.real_path, cfg.mix.caption_template,
                            cfg.producer.output_size, trainers.index(rank), len(trainers), cfg.seed,
                            skip_bad=cfg.mix.skip_bad_samples)
-    return MixedSource(source, real, real_groups_per_batch(cfg), k)
+    r = real_groups_per_batch(cfg)
+    if cfg.mix.prefetch_batches:
+        from online_stablerep.training.real_prefetch import PrefetchedRealImages
+
+        real = PrefetchedRealImages(real, r, cfg.mix.prefetch_batches)
+    return MixedSource(source, real, r, k)
 
 
 def _plan_comparison(cfg: Config, roles: Roles) -> Callable[[dict[str, float]], str] | None:

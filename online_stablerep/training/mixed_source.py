@@ -10,13 +10,25 @@ batch is a negative.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from online_stablerep.records import TrainBatch
-from online_stablerep.training.real_images import RealImageStream
+from online_stablerep.training.real_images import RealImage
 from online_stablerep.training.sources import BatchSource
+
+
+class RealImages(Protocol):
+    """A resumable stream of real images: RealImageStream, or PrefetchedRealImages around it."""
+
+    skipped: int
+
+    def take(self, count: int) -> list[RealImage]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def real_caption_id(uid: int) -> int:
@@ -26,7 +38,7 @@ def real_caption_id(uid: int) -> int:
 class MixedSource:
     """`inner` makes n - r generated groups per batch; `real` adds r real images."""
 
-    def __init__(self, inner: BatchSource, real: RealImageStream, real_per_batch: int,
+    def __init__(self, inner: BatchSource, real: RealImages, real_per_batch: int,
                  views_per_caption: int) -> None:
         self.inner = inner
         self.buffer = inner.buffer
@@ -41,6 +53,7 @@ class MixedSource:
         generated = self.inner.next_batch()
         if generated is None:
             return None
+        # With prefetching this is the trainer's wait for images decoded ahead.
         start = time.perf_counter()
         real = self.real.take(self.r)
         self._load_s += time.perf_counter() - start
@@ -81,7 +94,8 @@ class MixedSource:
         self.real.load_state_dict(state["real_images"])
 
     def snapshot(self, buffer_contents: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-        # The real cursor moves only in next_batch, on the trainer's own thread.
+        # The cursor handed out moves only in next_batch, on the trainer's own thread (a
+        # prefetching thread decodes ahead but reports the cursor of each batch it hands over).
         buffer_state, inner_state = self.inner.snapshot(buffer_contents)
         return buffer_state, {"inner": inner_state, "real_images": self.real.state_dict()}
 
@@ -92,4 +106,7 @@ class MixedSource:
             abort(reason)
 
     def close(self) -> None:
+        close = getattr(self.real, "close", None)
+        if close is not None:
+            close()
         self.inner.close()

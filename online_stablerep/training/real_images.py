@@ -73,17 +73,17 @@ class ImageFolderSource:
         return len(self.items)
 
     def epoch(self, epoch: int, shard: int, num_shards: int, seed: int, size: int,
-              on_bad: OnBad = None) -> Iterator[RealImage]:
+              on_bad: OnBad = None, start: int = 0) -> Iterator[tuple[int, RealImage]]:
         mine = list(range(shard, len(self.items), num_shards))
         random.Random(seed * 1_000_003 + epoch).shuffle(mine)
-        for uid in mine:
-            path, caption = self.items[uid]
+        for index in range(start, len(mine)):
+            path, caption = self.items[mine[index]]
             try:
                 image = load_image(path, size)
             except OSError as err:
                 _bad(RealImageError(f"mix.real_path: cannot read image {path}: {err}"), on_bad)
                 continue
-            yield RealImage(image, caption, uid)
+            yield index + 1, RealImage(image, caption, mine[index])
 
 
 def shard_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -127,8 +127,8 @@ class ShardSource:
             raise RealImageError(f"mix.real_path={path!r}: no .tar shards there")
 
     def epoch(self, epoch: int, shard: int, num_shards: int, seed: int, size: int,
-              on_bad: OnBad = None) -> Iterator[RealImage]:
-        uid = 0
+              on_bad: OnBad = None, start: int = 0) -> Iterator[tuple[int, RealImage]]:
+        uid, index = 0, 0  # index: of this share's samples, in stored order
         for path in self.files:
             samples = shard_samples(path)
             while True:
@@ -140,13 +140,16 @@ class ShardSource:
                     _bad(err, on_bad)
                     break
                 if uid % num_shards == shard:
-                    try:
-                        image, caption = decode_shard_sample(path, key, sample, size)
-                    except RealImageError as err:
-                        _bad(err, on_bad)
-                        image = None
+                    index += 1
+                    # Samples before the resumed cursor are read past, not decoded.
+                    image = None
+                    if index > start:
+                        try:
+                            image, caption = decode_shard_sample(path, key, sample, size)
+                        except RealImageError as err:
+                            _bad(err, on_bad)
                     if image is not None:
-                        yield RealImage(image, caption, uid)
+                        yield index, RealImage(image, caption, uid)
                 uid += 1
 
 
@@ -158,11 +161,13 @@ class RealImageStream:
         self.source = ImageFolderSource(path, template) if is_image_folder(path) else (
             ShardSource(path))
         self.size, self.shard, self.num_shards, self.seed = size, shard, num_shards, seed
+        # position: how many of this epoch's share were consumed (handed out or skipped as bad).
         self.epoch, self.position = 0, 0
         # Unreadable samples skipped so far (mix.skip_bad_samples); the first is printed.
         self.skipped = 0
         self._on_bad = self._count if skip_bad else None
-        self._iter: Iterator[RealImage] | None = None
+        self._iter: Iterator[tuple[int, RealImage]] | None = None
+        self._yielded = False  # whether this epoch has given an image
 
     def _count(self, err: RealImageError) -> None:
         if self.skipped == 0:
@@ -171,10 +176,10 @@ class RealImageStream:
         self.skipped += 1
 
     def _open(self) -> None:
+        # A resumed cursor starts the epoch there without decoding what came before it.
         self._iter = self.source.epoch(self.epoch, self.shard, self.num_shards, self.seed,
-                                       self.size, self._on_bad)
-        for _ in range(self.position):
-            next(self._iter)
+                                       self.size, self._on_bad, start=self.position)
+        self._yielded = self.position > 0
 
     def take(self, count: int) -> list[RealImage]:
         """The next `count` images; an epoch that ends midway starts the next one."""
@@ -183,9 +188,9 @@ class RealImageStream:
         images: list[RealImage] = []
         empty_epochs = 0
         while len(images) < count:
-            item = next(self._iter, None)
-            if item is None:
-                empty_epochs = empty_epochs + 1 if self.position == 0 else 0
+            step = next(self._iter, None)
+            if step is None:
+                empty_epochs = 0 if self._yielded else empty_epochs + 1
                 if empty_epochs > 1:
                     raise RealImageError(
                         f"mix.real_path: trainer share {self.shard} of {self.num_shards} holds "
@@ -193,7 +198,8 @@ class RealImageStream:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._open()
                 continue
-            self.position += 1
+            self.position, item = step
+            self._yielded = True
             images.append(item)
         return images
 
