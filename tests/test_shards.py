@@ -24,6 +24,8 @@ from online_stablerep.config import load_config
 from online_stablerep.config.inputs import InputError, check_inputs
 from online_stablerep.producers import build_producer
 from online_stablerep.producers.procedural import ProceduralProducer
+from online_stablerep.producers.shards import shard_files
+from online_stablerep.records import CaptionGroup
 from online_stablerep.shards import writer as writer_module
 from online_stablerep.shards.format import ShardError, iter_samples, sample_key, scan_keys
 from online_stablerep.shards.writer import SpillError
@@ -64,9 +66,13 @@ def test_read_back_equals_what_the_producer_makes(tmp_path, image_format):
     spill.close()
     direct = drain(ProceduralProducer(config(tmp_path, "train.epochs=2"), 0, 1))
     assert len(spilled) == len(direct) == 40
-    # Only complete shards under final names, groups_per_shard each but the last.
-    files = sorted((tmp_path / "shards").iterdir())
-    assert [p.name for p in files] == [f"rank00000-{i:06d}.tar" for i in range(6)]
+    # Only complete shards under final names, groups_per_shard each but the last, each with
+    # its key index.
+    names = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert names == sorted(f"rank00000-{i:06d}.tar{end}" for i in range(6) for end in ("", ".keys"))
+    files = sorted((tmp_path / "shards").glob("*.tar"))
+    for path in files:
+        assert writer_module.read_key_index(path) == scan_keys(path)
     read = drain(build_producer(reader_config(tmp_path, "train.epochs=1"), 0, 1))
     assert [g.caption_id for g in read] == [g.caption_id for g in direct]
     for got, want in zip(read, direct, strict=True):
@@ -115,8 +121,9 @@ def _tmp_shard_with_torn_tail(tmp_path: Path) -> Path:
     third = [m for m in tarfile.open(shard) if m.name.startswith(scan_keys(shard)[2])][0]
     tmp = shard.with_name("rank00000-000009.tar.tmp")
     tmp.write_bytes(data[: third.offset_data + 100])
-    for p in (tmp_path / "shards").glob("*.tar"):
-        p.unlink()
+    for p in (tmp_path / "shards").glob("*.tar*"):
+        if p != tmp:
+            p.unlink()
     return tmp
 
 
@@ -125,8 +132,48 @@ def test_leftover_tmp_is_salvaged_into_a_complete_shard(tmp_path):
     writer = writer_module.ShardWriter(tmp_path / "shards", rank=0)
     writer.close()
     assert writer.recovered == 2 and len(writer.keys) == 2 and not tmp.exists()
-    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["rank00000-000009.tar"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "rank00000-000009.tar", "rank00000-000009.tar.keys"]
+    salvaged = tmp_path / "shards" / "rank00000-000009.tar"
+    assert writer_module.read_key_index(salvaged) == scan_keys(salvaged)
     assert len(list(iter_samples(tmp_path / "shards" / "rank00000-000009.tar"))) == 2
+
+
+def _group(c: int) -> CaptionGroup:
+    return CaptionGroup(c, f"caption {c}", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 2.0, 0, 0,
+                        0.0)
+
+
+def test_a_resume_reads_key_indexes_and_rescans_a_bad_one(tmp_path, monkeypatch):
+    folder = tmp_path / "shards"
+    writer = writer_module.ShardWriter(folder, rank=0, groups_per_shard=2)
+    for c in range(5):
+        writer.put(_group(c))
+    writer.close()
+    shards = sorted(folder.glob("*.tar"))
+    want = [sample_key(0, c) for c in range(5)]
+
+    def no_scan(path):
+        raise AssertionError(f"scanned {path}")
+
+    # 1. Every shard has its index: no tar header is read.
+    with monkeypatch.context() as patch:
+        patch.setattr(writer_module, "scan_keys", no_scan)
+        resumed = writer_module.ShardWriter(folder, rank=0, groups_per_shard=2)
+        resumed.close()
+    assert sorted(resumed.keys) == want
+    # 2. A torn index (a key lost) and a missing one are replaced by a scan, and rewritten.
+    index0 = writer_module.index_path(shards[0])
+    index0.write_text(index0.read_text().rsplit("\n", 2)[0] + "\n")
+    writer_module.index_path(shards[1]).unlink()
+    assert writer_module.read_key_index(shards[0]) is None
+    again = writer_module.ShardWriter(folder, rank=0, groups_per_shard=2)
+    assert sorted(again.keys) == want
+    assert again.put(_group(3)) is None  # already written: skipped
+    again.close()
+    assert [writer_module.read_key_index(p) for p in shards] == [want[:2], want[2:4], want[4:]]
+    # 3. Offline training globbing the folder's files takes only the shards.
+    assert shard_files(str(folder / "*")) == shards
 
 
 _KILLED_WRITER = textwrap.dedent("""

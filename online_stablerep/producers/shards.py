@@ -30,11 +30,13 @@ from online_stablerep.shards.format import ShardError, decode_sample, iter_sampl
 
 
 def shard_files(spec: str) -> list[Path]:
-    """The .tar files `shards.path` names: a folder's *.tar, or a glob; sorted by name."""
+    """The .tar files `shards.path` names: a folder's *.tar, or a glob; sorted by name. A glob's
+    other files (the writer's `.tar.keys` indexes, a `.tar.tmp` of a running export) are not
+    shards."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return sorted(p for p in path.glob("*.tar") if p.is_file())
-    return sorted(p for p in map(Path, glob.glob(str(path))) if p.is_file())
+    return sorted(p for p in map(Path, glob.glob(str(path))) if p.is_file() and p.suffix == ".tar")
 
 
 class ShardsProducer:

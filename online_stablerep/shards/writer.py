@@ -8,6 +8,10 @@ On start the writer recovers what an earlier run of the same rank left: it reads
 complete shards (so groups made again after a resume are skipped), and moves the complete samples
 of a leftover `.tmp` into a complete shard of the same index (written as `.tar.salvage`, then
 renamed, then the `.tmp` removed: a crash at any point leaves either the `.tmp` or the shard).
+Each complete shard gets a key index beside it (`<name>.tar.keys`: its size, its keys and their
+count), so a resume reads a small file per shard instead of every tar header (0.4-1.3 s for a
+600 MB shard of 1,000 groups, minutes for a rank's thousand shards). The index only speeds
+recovery up: one that is missing, torn or does not match its shard's size is replaced by a scan.
 
 The producer hands groups over through a bounded queue (`put`); encoding and writing run in the
 thread, so only a writer slower than generation makes the producer wait. A write error stops the
@@ -48,6 +52,40 @@ class SpillError(RuntimeError):
 
 def shard_name(rank: int, index: int) -> str:
     return f"rank{rank:05d}-{index:06d}.tar"
+
+
+_INDEX_HEADER = "shard-keys v1"
+
+
+def index_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".keys")
+
+
+def write_key_index(shard: Path, keys: list[str]) -> None:
+    """Write `shard`'s key index (tmp, fsync, rename). Best effort: without it a resume scans
+    the shard's headers instead, so a failure to write it (a full disk) is not an error."""
+    path = index_path(shard)
+    part = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(OSError):
+        with part.open("w") as f:
+            f.write(f"{_INDEX_HEADER} size={shard.stat().st_size} count={len(keys)}\n")
+            f.writelines(f"{key}\n" for key in keys)
+            f.flush()
+            os.fsync(f.fileno())
+        part.rename(path)
+
+
+def read_key_index(shard: Path) -> list[str] | None:
+    """The keys of `shard` from its index; None when there is no index or it does not match."""
+    try:
+        lines = index_path(shard).read_text().splitlines()
+        header = lines[0].split()
+        size, count = (int(field.split("=")[1]) for field in header[2:4])
+    except (OSError, IndexError, ValueError):
+        return None
+    keys = lines[1:]
+    matches = " ".join(header[:2]) == _INDEX_HEADER and len(keys) == count
+    return keys if matches and size == shard.stat().st_size else None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -103,7 +141,11 @@ class ShardWriter:
             for index, suffix, path in found:
                 self._next_index = max(self._next_index, index + 1)
                 if suffix is None:
-                    self.keys.update(scan_keys(path))
+                    keys = read_key_index(path)
+                    if keys is None:
+                        keys = scan_keys(path)
+                        write_key_index(path, keys)  # the next resume reads it
+                    self.keys.update(keys)
                 elif suffix == ".salvage":
                     # A salvage killed before its rename: its .tmp is still there.
                     path.unlink()
@@ -126,6 +168,7 @@ class ShardWriter:
                 f.flush()
                 os.fsync(f.fileno())
             part.rename(final)
+            write_key_index(final, [k for k, _ in samples])
             self.keys.update(k for k, _ in samples)
             self.recovered += len(samples)
         tmp.unlink()
@@ -184,7 +227,7 @@ class ShardWriter:
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(
                 os.PRIO_PROCESS, 0) + WRITER_NICENESS)
-        file, tar, count = None, None, 0
+        file, tar, keys = None, None, []
         try:
             while (item := self._queue.get()) is not None:
                 key, group = item
@@ -198,12 +241,12 @@ class ShardWriter:
                 os.fsync(file.fileno())
                 self.durable += 1
                 self.written += 1
-                count += 1
-                if count == self.groups_per_shard:
-                    self._finish(file, tar)
-                    file, tar, count = None, None, 0
+                keys.append(key)
+                if len(keys) == self.groups_per_shard:
+                    self._finish(file, tar, keys)
+                    file, tar, keys = None, None, []
             if file is not None:
-                self._finish(file, tar)
+                self._finish(file, tar, keys)
         except BaseException as err:
             self._error = SpillError(_describe(err, self._path or self.directory))
             if file is not None:
@@ -211,14 +254,17 @@ class ShardWriter:
                 with contextlib.suppress(OSError):
                     file.close()
 
-    def _finish(self, file, tar: tarfile.TarFile) -> None:
-        """Complete the current shard: end-of-archive blocks, fsync, rename into place."""
+    def _finish(self, file, tar: tarfile.TarFile, keys: list[str]) -> None:
+        """Complete the current shard: end-of-archive blocks, fsync, rename into place, then
+        its key index."""
         assert self._path is not None
         tar.close()
         file.flush()
         os.fsync(file.fileno())
         file.close()
-        self._path.rename(self._path.with_suffix(""))
+        final = self._path.with_suffix("")
+        self._path.rename(final)
         _fsync_dir(self.directory)
+        write_key_index(final, keys)
         self._next_index += 1
         self._path = None
