@@ -21,7 +21,7 @@ from online_stablerep.replay import ReplayBuffer
 from online_stablerep.training.mixed_source import MixedSource
 from online_stablerep.training.real_images import RealImageStream
 from online_stablerep.training.sources import ColocatedSource
-from tests.helpers import TINY_PROCEDURAL, run_cli, tensorboard_tags
+from tests.helpers import TINY_PROCEDURAL, read_summary, run_cli, tensorboard_tags
 
 CLASSES = ("red_fox", "tabby_cat", "oak")
 
@@ -187,12 +187,23 @@ def test_bad_real_folders_are_named_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_job_logs_the_real_share(tmp_path):
+def test_training_job_logs_the_real_share_and_resumes_exactly(tmp_path):
+    """With real images decoded ahead (the default), a stopped and resumed run trains on the
+    same batches as an uninterrupted one: the checkpoint holds the cursor handed out."""
     folder = _image_folder(tmp_path / "real")
-    out = tmp_path / "run"
-    result = run_cli(["train", "--config", "cpu_procedural", *TINY_PROCEDURAL, "train.steps=3",
-                      "mix.real_fraction=0.25", f"mix.real_path={folder}", f"output_dir={out}"])
-    assert result.returncode == 0, result.stdout + result.stderr
+
+    def train(out: Path, *extra: str):
+        result = run_cli(["train", "--config", "cpu_procedural", *TINY_PROCEDURAL,
+                          "train.steps=5", "train.checkpoint_every=0", "mix.real_fraction=0.25",
+                          f"mix.real_path={folder}", f"output_dir={out}", *extra])
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    out, part = tmp_path / "run", tmp_path / "part"
+    train(out)
+    train(part, "train.stop_after=2")
+    assert "resumed from" in train(part, "resume=true").stdout
+    assert read_summary(part)["losses"] == read_summary(out)["losses"]
     assert "mix/real_share" in tensorboard_tags(out / "tensorboard" / "train")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
