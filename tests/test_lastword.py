@@ -130,3 +130,30 @@ def test_stop_request_takes_the_first_signal_and_ignores_repeated_sigterms():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_vanished_rank_is_closed_by_its_node_so_other_nodes_need_not_wait(tmp_path, capsys):
+    import time
+
+    for rank, role in enumerate(["trainer", "generator", "trainer", "generator"]):
+        write_last_word(tmp_path, rank, role, "running")
+    write_last_word(tmp_path, 2, "trainer", "failed", "rank 2: generator rank 3: closed", "peer",
+                    1)
+    write_last_word(tmp_path, 0, "trainer", "failed", "rank 0: generator rank 3: closed", "peer",
+                    1)
+    write_last_word(tmp_path, 1, "generator", "failed", "rank 1: trainer rank 0 aborted", "peer",
+                    1)
+    # Node 1's report: rank 3 vanished; its word becomes "died", keeping role and pid.
+    pid = read_last_words(tmp_path, 4)[3]["pid"]
+    assert main([str(tmp_path), "--world", "4", "--code", "1", "--node-rank", "1",
+                 "--ranks-per-node", "2", "--wait-s", "30"]) == 1
+    assert "job failed: rank 3 (generator) died without a last word" in capsys.readouterr().err
+    closed = read_last_words(tmp_path, 4)[3]
+    assert (closed["status"], closed["role"], closed["pid"]) == ("died", "generator", pid)
+    # Node 0's report, sharing output_dir, finds nothing pending: it answers at once (it
+    # waited --wait-s for a "running" rank 3 before).
+    start = time.monotonic()
+    assert main([str(tmp_path), "--world", "4", "--code", "1", "--node-rank", "0",
+                 "--ranks-per-node", "2", "--wait-s", "30"]) == 1
+    assert time.monotonic() - start < 5
+    assert "rank 3 (generator) on another node died" in capsys.readouterr().err

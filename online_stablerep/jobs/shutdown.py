@@ -74,6 +74,28 @@ def write_last_word(output_dir: str | Path, rank: int, role: str, status: str, r
         pass
 
 
+def mark_vanished(output_dir: str | Path, words: dict[int, dict[str, Any] | None],
+                  local: range) -> None:
+    """Give this node's ranks that vanished (a "running" word, their processes gone: the
+    wrapper runs this once its launcher's whole process group has exited) the final status
+    "died", so other nodes sharing output_dir need not wait `--wait-s` for a word that will
+    never come. The word keeps the rank's role and pid; "died" reads as vanished."""
+    for rank in local:
+        word = words.get(rank)
+        if word is None or word["status"] != "running":
+            continue
+        died = {**word, "status": "died", "reason": "the process vanished without a final word",
+                "time": time.time()}
+        path = last_word_path(output_dir, rank)
+        try:
+            tmp = path.with_suffix(".died.tmp")
+            tmp.write_text(json.dumps(died))
+            tmp.replace(path)
+        except OSError:
+            continue
+        words[rank] = died
+
+
 def read_last_words(output_dir: str | Path, world: int) -> dict[int, dict[str, Any] | None]:
     """Rank -> its last word, None for a rank that wrote none."""
     words: dict[int, dict[str, Any] | None] = {}
@@ -99,7 +121,9 @@ def summarize(
     missing one is not blamed (`wait_for_final_words` gives those nodes time first).
     """
     local = range(len(words)) if local is None else local
-    final = {r: w for r, w in words.items() if w is not None and w["status"] != "running"}
+    # "died": a word "running" that its node's wrapper closed after the process vanished.
+    final = {r: w for r, w in words.items()
+             if w is not None and w["status"] not in ("running", "died")}
     vanished = [r for r in words if r not in final and (r in local or words[r] is not None)]
     own = [r for r, w in final.items() if w["status"] == "failed" and w["cause"] != "peer"]
     failed = [r for r, w in final.items() if w["status"] == "failed"]
@@ -156,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     per_node = args.ranks_per_node or args.world
     local = range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
+    mark_vanished(args.output_dir, read_last_words(args.output_dir, args.world), local)
     words = wait_for_final_words(args.output_dir, args.world, local, args.wait_s)
     line, code = summarize(words, args.code, local)
     print(line, file=sys.stderr if code else sys.stdout, flush=True)
