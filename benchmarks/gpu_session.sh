@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU session (see docs/performance.md): run from the repository root on a
-# machine with one CUDA GPU; about 8 minutes in all (GEN_S, TRAIN_S, HYBRID_S set the limits).
+# machine with one CUDA GPU; about 9 minutes in all (GEN_S, TRAIN_S, HYBRID_S set the limits).
 # Wheels for packages the machine lacks may be carried in .whl/ (diffusers, peft, accelerate,
 # omegaconf, antlr4-python3-runtime, open_clip_torch, ftfy, wcwidth, deepspeed and its hjson,
 # pydantic, pydantic-core, annotated-types, typing-inspection; see ../shared/GPU.md).
@@ -35,6 +35,9 @@ step hybrid-job "${HYBRID_S:-60}" python3 -m torch.distributed.run --nproc_per_n
   -m online_stablerep.cli train --config cpu_demo output_dir=/tmp/hybrid_gpu \
   roles.generators=1 train.steps=30 train.log_every=5 generator.dtype=bf16 train.precision=bf16
 step gpu-tests 40 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_augment.py tests/test_model.py
+# Real images decoded on the trainer's thread vs ahead, beside a ViT-B/16 bf16 step.
+step real-mix 60 python3 benchmarks/real_mix.py --device cuda --backbone vit_base_patch16_224 \
+  --input-size 224 --rows 258 --reps 10 --blocks 2
 if [[ "$out" != benchmarks/results ]]; then
   cp benchmarks/results/*-nvidia-* "$out"/ 2>/dev/null
 fi

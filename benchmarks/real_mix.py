@@ -9,6 +9,8 @@ prefetcher starts each block cold), medians over the blocks' steps. The figure i
 and the trainer's wait for real images per step.
 
     python benchmarks/real_mix.py                    # CPU, one torch thread for the model
+    python benchmarks/real_mix.py --device cuda --backbone vit_base_patch16_224 \
+        --input-size 224 --rows 258                  # a ViT-B/16 step at the paper's batch
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ def build_step(args: argparse.Namespace, device: torch.device):
         real_rows = torch.stack([item.image for item in real]).to(device)
         small = torch.nn.functional.interpolate(real_rows.float() / 255, size=args.input_size)
         batch = torch.cat([small, rows[len(real):]])
-        loss = multi_positive_contrastive_loss(model(batch, k)["image_embed"], ids, 0.1)
+        # bf16 autocast on a GPU, as the trainer runs there.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            embed = model(batch, k)["image_embed"]
+        loss = multi_positive_contrastive_loss(embed.float(), ids, 0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
