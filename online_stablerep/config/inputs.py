@@ -28,15 +28,16 @@ def _require(ok: bool, message: str) -> None:
         raise InputError(message)
 
 
-def _check_output_dir(path: Path) -> None:
+def _check_writable_folder(key: str, path: Path) -> None:
+    """A folder the job creates or writes into: not a file, below a writable folder."""
     _require(not path.exists() or path.is_dir(),
-             f"output_dir={str(path)!r} is a file: give a directory (it is created if missing)")
+             f"{key}={str(path)!r} is a file: give a directory (it is created if missing)")
     existing = path
     while not existing.exists():
         existing = existing.parent
-    _require(existing.is_dir(), f"output_dir={str(path)!r}: {existing} is a file, not a folder")
+    _require(existing.is_dir(), f"{key}={str(path)!r}: {existing} is a file, not a folder")
     _require(os.access(existing, os.W_OK),
-             f"output_dir={str(path)!r}: {existing} is not writable: choose another output_dir")
+             f"{key}={str(path)!r}: {existing} is not writable: choose another {key}")
 
 
 def _check_backbone(cfg: Config) -> None:
@@ -143,15 +144,6 @@ def _check_shards(cfg: Config, producers: int) -> None:
             raise InputError(f"shards.path={spec!r}: {err}") from None
 
 
-def _check_export(cfg: Config) -> None:
-    folder = Path(cfg.export.shards_dir).expanduser()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    _require(existing.is_dir() and os.access(existing, os.W_OK),
-             f"export.shards_dir={cfg.export.shards_dir!r}: {existing} is not a writable folder")
-
-
 def _check_eval(cfg: Config) -> None:
     dataset = cfg.eval.dataset
     if not cfg.eval.probe_at_end or dataset == "procedural":
@@ -207,11 +199,11 @@ def check_inputs(cfg: Config, world_size: int, local_world_size: int | None = No
         roles = Roles.from_spec(cfg.roles.generators, world_size, local_world_size)
     except ConfigError as err:
         raise InputError(str(err)) from None
-    _check_output_dir(Path(cfg.output_dir))
+    _check_writable_folder("output_dir", Path(cfg.output_dir))
     _check_backbone(cfg)
     producers = world_size if roles.colocated else roles.num_generators
     if cfg.export.shards_dir:
-        _check_export(cfg)
+        _check_writable_folder("export.shards_dir", Path(cfg.export.shards_dir).expanduser())
     if cfg.producer.kind == "diffusion":
         _check_generator_model(cfg)
         _check_captions(cfg, producers)

@@ -62,16 +62,22 @@ def write_last_word(output_dir: str | Path, rank: int, role: str, status: str, r
     """Record this rank's state: status is running, finished, stopped (by a signal, cleanly) or
     failed; cause is "own" (this rank's error) or "peer" (another rank failed or vanished).
     Never raises: a rank that cannot write (a bad output_dir) still exits with its code."""
-    path = last_word_path(output_dir, rank)
     word = {"rank": rank, "role": role, "status": status, "reason": reason, "cause": cause,
             "code": code, "pid": os.getpid(), "time": time.time()}
+    _store(output_dir, word)
+
+
+def _store(output_dir: str | Path, word: dict[str, Any]) -> bool:
+    """Replace the word file of word["rank"] atomically; False when it cannot be written."""
+    path = last_word_path(output_dir, word["rank"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(word))
         tmp.replace(path)
     except OSError:
-        pass
+        return False
+    return True
 
 
 def mark_vanished(output_dir: str | Path, words: dict[int, dict[str, Any] | None],
@@ -86,14 +92,8 @@ def mark_vanished(output_dir: str | Path, words: dict[int, dict[str, Any] | None
             continue
         died = {**word, "status": "died", "reason": "the process vanished without a final word",
                 "time": time.time()}
-        path = last_word_path(output_dir, rank)
-        try:
-            tmp = path.with_suffix(".died.tmp")
-            tmp.write_text(json.dumps(died))
-            tmp.replace(path)
-        except OSError:
-            continue
-        words[rank] = died
+        if _store(output_dir, died):
+            words[rank] = died
 
 
 def read_last_words(output_dir: str | Path, world: int) -> dict[int, dict[str, Any] | None]:

@@ -99,9 +99,9 @@ def _trainer_source(
                           min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
                           seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit,
                           draw=cfg.replay.draw)
-    k = cfg.batch.views_per_caption
+    k, r = cfg.batch.views_per_caption, real_groups_per_batch(cfg)
     # With real images mixed in, the producers fill the rest of each batch.
-    n = cfg.batch.captions_per_batch - real_groups_per_batch(cfg)
+    n = cfg.batch.captions_per_batch - r
     if roles.colocated:
         shard, shards = roles.producer_shard(rank)
         producer = build_producer(cfg, shard, shards, rank, device)
@@ -120,7 +120,6 @@ def _trainer_source(
     real = RealImageStream(cfg.mix.real_path, cfg.mix.caption_template,
                            cfg.producer.output_size, trainers.index(rank), len(trainers), cfg.seed,
                            skip_bad=cfg.mix.skip_bad_samples)
-    r = real_groups_per_batch(cfg)
     if cfg.mix.prefetch_batches:
         from online_stablerep.training.real_prefetch import PrefetchedRealImages
 

@@ -61,6 +61,7 @@ class ShardsProducer:
         # good sample means no good sample at all).
         self._whole_epoch = True
         self._samples: Iterator[tuple[str, dict[str, bytes]]] | None = None
+        self._path: Path | None = None  # the file _samples reads
 
     def _order(self) -> list[int]:
         if not self.cfg.shards.shuffle_files:
@@ -92,13 +93,13 @@ class ShardsProducer:
 
     def _read(self) -> tuple[Path, str, dict[str, bytes]] | None:
         """The next raw sample of the stream, or None at the end of the current file."""
-        path = self.files[self._order()[self.file]]
         if self._samples is None:
-            self._samples = iter_samples(path)
+            self._path = self.files[self._order()[self.file]]
+            self._samples = iter_samples(self._path)
             for _ in range(self.sample):  # resume: pass the samples already handed out
                 next(self._samples)
         sample = next(self._samples, None)
-        return None if sample is None else (path, *sample)
+        return None if sample is None else (self._path, *sample)
 
     def next_groups(self) -> list[CaptionGroup]:
         """Up to `producer.captions_per_call` stored groups; [] once `train.epochs` is reached."""
@@ -110,8 +111,8 @@ class ShardsProducer:
             except (ShardError, StopIteration) as err:
                 # A damaged tar: nothing after the damage can be read.
                 self._skip(err if isinstance(err, ShardError) else ShardError(
-                    f"shard {self.files[self._order()[self.file]]}: fewer samples than the "
-                    f"cursor's {self.sample}: was it rewritten?"))
+                    f"shard {self._path}: fewer samples than the cursor's {self.sample}: was it "
+                    "rewritten?"))
                 self._next_file()
                 continue
             if raw is None:

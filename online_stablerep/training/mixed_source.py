@@ -30,6 +30,8 @@ class RealImages(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def real_caption_id(uid: int) -> int:
     return -(1 + uid)
@@ -106,7 +108,5 @@ class MixedSource:
             abort(reason)
 
     def close(self) -> None:
-        close = getattr(self.real, "close", None)
-        if close is not None:
-            close()
+        self.real.close()
         self.inner.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,9 @@ def is_image_folder(path: str) -> bool:
     return root.is_dir() and any(p.is_dir() for p in root.iterdir())
 
 
+# (consumed so far, image) of one epoch of a trainer's share, from a resumed position on.
+Epoch = Generator[tuple[int, RealImage], None, None]
+
 # Called with each unreadable image or shard rest when bad samples are skipped (None: raise).
 OnBad = Callable[[RealImageError], None] | None
 
@@ -73,7 +76,7 @@ class ImageFolderSource:
         return len(self.items)
 
     def epoch(self, epoch: int, shard: int, num_shards: int, seed: int, size: int,
-              on_bad: OnBad = None, start: int = 0) -> Iterator[tuple[int, RealImage]]:
+              on_bad: OnBad = None, start: int = 0) -> Epoch:
         mine = list(range(shard, len(self.items), num_shards))
         random.Random(seed * 1_000_003 + epoch).shuffle(mine)
         for index in range(start, len(mine)):
@@ -127,7 +130,7 @@ class ShardSource:
             raise RealImageError(f"mix.real_path={path!r}: no .tar shards there")
 
     def epoch(self, epoch: int, shard: int, num_shards: int, seed: int, size: int,
-              on_bad: OnBad = None, start: int = 0) -> Iterator[tuple[int, RealImage]]:
+              on_bad: OnBad = None, start: int = 0) -> Epoch:
         uid, index = 0, 0  # index: of this share's samples, in stored order
         for path in self.files:
             samples = shard_samples(path)
@@ -166,7 +169,7 @@ class RealImageStream:
         # Unreadable samples skipped so far (mix.skip_bad_samples); the first is printed.
         self.skipped = 0
         self._on_bad = self._count if skip_bad else None
-        self._iter: Iterator[tuple[int, RealImage]] | None = None
+        self._iter: Epoch | None = None
         self._yielded = False  # whether this epoch has given an image
 
     def _count(self, err: RealImageError) -> None:
@@ -209,3 +212,9 @@ class RealImageStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._iter = None
+
+    def close(self) -> None:
+        """Close the open shard, if any; a later take() reopens at the cursor."""
+        if self._iter is not None:
+            self._iter.close()
+            self._iter = None
