@@ -210,3 +210,23 @@ def test_training_job_logs_the_real_share_and_resumes_exactly(tmp_path):
     acc = EventAccumulator(str(out / "tensorboard" / "train"))
     acc.Reload()
     assert acc.Scalars("mix/real_share")[-1].value == pytest.approx(0.25)
+
+
+def test_a_bad_real_image_met_mid_run_stops_with_one_line_naming_it(tmp_path):
+    """The start-up check decodes only the first image of each share; a bad one met later (on
+    the prefetching thread) ends the job with the file named and no traceback (input, not a
+    bug)."""
+    from online_stablerep.training.real_images import ImageFolderSource
+
+    folder = _image_folder(tmp_path / "real", per_class=2)
+    source = ImageFolderSource(str(folder), "a photo of a {}")
+    first = next(source.epoch(0, 0, 1, 0, 16))[1].uid  # what the check decodes (seed 0)
+    for uid, (path, _) in enumerate(source.items):
+        if uid != first:
+            path.write_bytes(b"not a png")
+    result = run_cli(["train", "--config", "cpu_procedural", *TINY_PROCEDURAL, "train.steps=4",
+                      "mix.real_fraction=0.25", f"mix.real_path={folder}",
+                      f"output_dir={tmp_path / 'run'}"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "failed: RealImageError: mix.real_path: cannot read image" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -237,6 +237,7 @@ def _failure(err: BaseException) -> tuple[str, str, bool]:
     from online_stablerep.shards.format import ShardError
     from online_stablerep.shards.writer import SpillError
     from online_stablerep.training.checkpoint import CheckpointError
+    from online_stablerep.training.real_images import RealImageError
     from online_stablerep.training.trainer import NonFiniteLossError
 
     text = f"{err}" if isinstance(err, (SystemExit, KeyboardInterrupt)) else (
@@ -248,8 +249,8 @@ def _failure(err: BaseException) -> tuple[str, str, bool]:
     described = describe_failure(err)
     if described.startswith(("connection closed", "stopped answering")):
         return f"{type(err).__name__}: {described}", "peer", False
-    clean = (ConfigError, CheckpointError, NonFiniteLossError, ShardError, SpillError, SystemExit,
-             KeyboardInterrupt)
+    clean = (ConfigError, CheckpointError, NonFiniteLossError, ShardError, SpillError,
+             RealImageError, SystemExit, KeyboardInterrupt)
     return text, "own", not isinstance(err, clean)
 
 
