@@ -6,12 +6,12 @@ import argparse
 import os
 import sys
 
-from online_stablerep.commands.common import add_config_arguments
+from online_stablerep.commands.common import DEFAULT_PRESET, add_config_arguments
 from online_stablerep.config import ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, default="cpu_demo")
+    add_config_arguments(parser, default=DEFAULT_PRESET)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is used.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 

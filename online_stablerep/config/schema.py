@@ -137,11 +137,11 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     # Torch threads per process on CPU (0 = leave torch's default).
     cpu_threads: int = 0
-    # Write every batch's caption ids and each group's use count to output_dir/audit/ at the
-    # end (for tests and debugging: grows with the run).
     # torch.compile the model (backbone and the per-view-chunk BatchNorm head) before the
     # DeepSpeed engine wraps it: a warm-up of tens of seconds, then faster steps on GPUs.
     compile: bool = False
+    # Write every batch's caption ids and each group's use count to output_dir/audit/ at the
+    # end (for tests and debugging: grows with the run).
     audit: bool = False
 
 
