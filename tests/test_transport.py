@@ -123,6 +123,7 @@ def _worker(rank: int, world: int, spec: str, port: int, cfg: Config, out: str, 
                     time.sleep(plan.get("step_s", 0.0))
                 result["steps"] = steps
                 result["metrics"] = source.metrics()
+                result["counters"] = source.receiver.counters()
             finally:
                 source.close()
                 result.update(received=buffer.received, max_unused=buffer.max_unused,
@@ -212,7 +213,15 @@ def test_every_group_arrives_once_and_intact(tmp_path):
         assert res["max_unused"] <= cfg.replay.capacity and res["evicted_unused"] == 0
         # END ended the stream: the trainer drew every batch its groups could fill.
         assert res["steps"] == len(res["received"]) // cfg.batch.captions_per_batch
-        assert res["metrics"]["transport/MB_per_s"] >= 0
+        # The transport counted every received group's pixels (plus captions and headers),
+        # per generator, and its rate is that traffic over the run.
+        counters, pixels = res["counters"], 3 * cfg.producer.output_size**2
+        k = cfg.producer.images_per_caption
+        assert counters["bytes"] > len(res["received"]) * k * pixels
+        per_generator = Counter(str(record[2]) for record in res["received"])
+        assert counters["groups"] == dict(per_generator)
+        assert counters["images"] == {g: n * k for g, n in per_generator.items()}
+        assert res["metrics"]["transport/MB_per_s"] > 0
         assert all(f"gen/images_per_s/rank{g}" in res["metrics"] for g in roles.generator_ranks)
     assert all(job["results"][g]["rc"] == 0 for g in roles.generator_ranks)
 
