@@ -82,7 +82,7 @@ def _group_worker(rank: int, world: int, port: int, out: str) -> None:
 def measure_groups(worlds: list[int]) -> list[dict]:
     import torch.multiprocessing as mp
 
-    from tests.jobs import free_port
+    from tests.helpers import free_port
 
     rows = []
     for world in worlds:

@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from online_stablerep.training.checkpoint import newest_checkpoint, verify_checkpoint
-from tests.helpers import TINY_PROCEDURAL, read_summary
-from tests.jobs import free_port, read_logs, start_ranks, wait_all
+from tests.helpers import TINY_PROCEDURAL, free_port, read_logs, read_summary, start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_PROCEDURAL, batch_overlap, read_summary, tensorboard_tags
-from tests.jobs import read_logs, start_ranks, wait_all
+from tests.helpers import (
+    TINY_PROCEDURAL,
+    batch_overlap,
+    read_logs,
+    read_summary,
+    start_ranks,
+    tensorboard_tags,
+    wait_all,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -27,6 +26,7 @@ import torch.multiprocessing as mp
 
 from online_stablerep.losses import image_text_contrastive_loss, multi_positive_contrastive_loss
 from online_stablerep.models.sync_batchnorm import SyncBatchNorm1d
+from tests.helpers import free_port
 
 WORLD = 2
 # Global ranks of the two trainers in a world of three processes.
@@ -104,11 +104,6 @@ def worker(global_rank: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from online_stablerep.config import load_config
-from tests.helpers import read_summary
-from tests.jobs import free_port
+from tests.helpers import free_port, read_summary
 
 pytestmark = pytest.mark.slow
 DEMO = load_config("cpu_demo")

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import TINY_PROCEDURAL
-from tests.jobs import free_port
+from tests.helpers import TINY_PROCEDURAL, free_port
 
 pytestmark = pytest.mark.slow
 

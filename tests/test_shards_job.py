@@ -131,7 +131,7 @@ def test_full_disk_stops_the_job_naming_the_shard(tmp_path):
 
 
 def test_hybrid_generator_rank_spills_and_resumes_without_duplicates(tmp_path):
-    from tests.jobs import start_ranks, wait_all
+    from tests.helpers import start_ranks, wait_all
 
     shards, out = tmp_path / "shards", tmp_path / "run"
     args = ["--config", "cpu_procedural", f"output_dir={out}", *TINY_PROCEDURAL,

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from online_stablerep.distributed.startup import StartupError, agree_on_startup, several_nodes
-from tests.jobs import free_port
+from tests.helpers import free_port
 
 
 def _rank(rank: int, port: int, errors: dict[int, str | None], results) -> None:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +28,7 @@ from online_stablerep.producers.procedural import ProceduralProducer
 from online_stablerep.records import CaptionGroup
 from online_stablerep.replay import ReplayBuffer
 from online_stablerep.training.hybrid_source import build_hybrid_source
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 JOIN_TIMEOUT_S = 60
@@ -148,11 +148,6 @@ def _worker(rank: int, world: int, spec: str, port: int, cfg: Config, out: str, 
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     os._exit(code)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_job(tmp: Path, spec: str, world: int, cfg: Config, plan: dict) -> dict:

@@ -5,7 +5,7 @@ A recipe's levers replace the preset's generator keys; `key=value` overrides rep
 recipe's (so `generator.recipe=fast generator.lora=/my/lcm-lora` keeps the recipe and swaps the
 adapter). The adapters named here are released for the SD1.5 architecture; with another model
 or offline, point `generator.lora` / `generator.tiny_vae` at matching artefacts. What each recipe
-costs in quality, as far as is known, is in the README ("Picking a generator recipe").
+costs in quality, as far as is known, is in docs/recipes.md.
 """
 
 from __future__ import annotations
