@@ -28,7 +28,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from benchmarks.common import (
     resolve_device,
     write_results,
 )
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs a module with this process (and every thread it starts) pinned to one core.
@@ -241,9 +241,7 @@ def run_job(config: str, overrides: list[str], trainers: int, generators: int, s
     cores = sorted(os.sched_getaffinity(0))
     args = ["train", "--config", config, f"output_dir={out}", *JOB, *overrides,
             f"roles.generators={generators}"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

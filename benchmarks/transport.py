@@ -43,6 +43,7 @@ from benchmarks.common import (
     write_results,
 )
 from online_stablerep.records import CaptionGroup
+from tests.helpers import free_port
 
 TIMEOUT_S = 120.0
 TRAINER, GENERATOR = 0, 1
@@ -171,14 +172,6 @@ def worker(rank: int, port: int, points: list[dict], size: int, warmup: int, rep
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, warmup=1, reps=5)
@@ -196,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
         result_path = str(Path(tmp) / "timings.json")
-        mp.start_processes(worker, args=(_free_port(), points, args.size, args.warmup,
+        mp.start_processes(worker, args=(free_port(), points, args.size, args.warmup,
                                          args.reps, result_path),
                            nprocs=2, join=True, start_method="spawn")
         measured = json.loads(Path(result_path).read_text())
