@@ -1,4 +1,4 @@
-"""The procedural fractal producer: shapes, determinism, sharding, resume, learnability."""
+"""The fractal renderer and the procedural producer: shapes, determinism, sharding, resume, learnability."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import torch
 
 from online_stablerep.config import load_config
 from online_stablerep.eval.linear_probe import linear_probe
-from online_stablerep.producers.procedural import (
-    ProceduralProducer,
+from online_stablerep.fractals import (
     caption_text,
     category_ifs,
     render_category_images,
     render_images,
 )
+from online_stablerep.producers.procedural import ProceduralProducer
 
 
 def small_cfg(*overrides: str):

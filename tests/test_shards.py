@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from online_stablerep.config import load_config
-from online_stablerep.config.inputs import InputError, check_inputs
+from online_stablerep.jobs.preflight import InputError, check_inputs
 from online_stablerep.producers import build_producer
 from online_stablerep.producers.procedural import ProceduralProducer
 from online_stablerep.producers.shards import shard_files

@@ -18,7 +18,7 @@ import re
 import numpy as np
 import torch
 
-from online_stablerep.producers.procedural import render_alpha
+from online_stablerep.fractals import render_alpha
 
 # The procedural world of the toy model: categories 0..TOY_CATEGORIES-1 of producer.seed=0.
 TOY_SEED = 0

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from online_stablerep.eval.datasets import IMAGE_EXTENSIONS, load_image, square_image
+from online_stablerep.images import IMAGE_EXTENSIONS, load_image, square_image
 from online_stablerep.producers.shards import shard_files
 from online_stablerep.shards.format import ShardError, iter_samples
 
