@@ -162,6 +162,7 @@ def _check_real_images(cfg: Config, trainers: int) -> None:
     sample of every shard (or the first image) decodes."""
     if cfg.mix.real_fraction == 0:
         return
+    from online_stablerep.producers.cursor import Unreadable
     from online_stablerep.training import real_images as real
 
     path = cfg.mix.real_path
@@ -172,7 +173,9 @@ def _check_real_images(cfg: Config, trainers: int) -> None:
             source = real.ImageFolderSource(path, cfg.mix.caption_template)
             count = len(source)
             if not cfg.mix.skip_bad_samples:
-                next(source.epoch(0, 0, 1, 0, cfg.producer.output_size))
+                _, first = next(source.epoch(0, 0, 1, 0, cfg.producer.output_size))
+                if isinstance(first, Unreadable):
+                    raise first.error
         else:
             source = real.ShardSource(path)
             count = 0

@@ -19,12 +19,14 @@ from online_stablerep.records import CaptionGroup
 class ProceduralProducer:
     """The Producer of fractal caption groups for one shard of the category stream."""
 
-    def __init__(self, cfg: Config, shard: int, num_shards: int, rank: int = 0) -> None:
+    def __init__(self, cfg: Config, shard: int, num_shards: int, rank: int = 0,
+                 max_epochs: int = 0) -> None:
+        """`max_epochs`: passes over the categories (the trainer's train.epochs; 0: no end)."""
         self.cfg = cfg
         self.rank = rank
         self.stream = CaptionStream(
             cfg.procedural.num_categories, shard, num_shards, cfg.producer.seed,
-            shuffle=True, max_epochs=cfg.train.epochs,
+            shuffle=True, max_epochs=max_epochs,
         )
 
     def start(self) -> None:
