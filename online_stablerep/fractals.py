@@ -254,10 +254,3 @@ def render_images(cfg: Config, categories: Sequence[int], indices: Sequence[int]
     if not chunks:
         return torch.empty(0, 3, out_size, out_size, dtype=torch.uint8)
     return torch.cat(chunks)
-
-
-def render_category_images(
-    cfg: Config, caption_id: int, image_indices: Sequence[int]
-) -> torch.Tensor:
-    """(len(image_indices), 3, S, S) uint8 renders of one category (e.g. a held-out set)."""
-    return render_images(cfg, [caption_id] * len(image_indices), list(image_indices))

@@ -11,10 +11,10 @@ from online_stablerep.eval.linear_probe import linear_probe
 from online_stablerep.fractals import (
     caption_text,
     category_ifs,
-    render_category_images,
     render_images,
 )
 from online_stablerep.producers.procedural import ProceduralProducer
+from tests.helpers import render_category_images
 
 
 def small_cfg(*overrides: str):

@@ -71,7 +71,7 @@ class RecordingBuffer(ReplayBuffer):
         self.max_unused = 0
 
     def add(self, groups: list[CaptionGroup]) -> None:
-        unused = self.unused_count() + len(groups)
+        unused = self.capacity - self.room() + len(groups)  # held never drawn, then these
         self.max_unused = max(self.max_unused, unused)
         self.received.extend(group_record(g) for g in groups)
         super().add(groups)

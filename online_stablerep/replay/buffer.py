@@ -88,21 +88,11 @@ class ReplayBuffer:
         with self._lock:
             return len(self._slots)
 
-    def unused_count(self) -> int:
-        """Groups held that were never drawn."""
-        with self._lock:
-            return sum(1 for s in self._slots if s.uses == 0)
-
     def room(self) -> int:
         """Groups the buffer can still accept without evicting one that was never used (the
         credit rule hands out at most this much, less what is already promised)."""
         with self._lock:
             return self.capacity - sum(1 for s in self._slots if s.uses == 0)
-
-    def pool_size(self) -> int:
-        """Eligible groups held (uses < max_reuse): what a batch is drawn from."""
-        with self._lock:
-            return len(self._slots)
 
     def newest(self, count: int) -> list[CaptionGroup]:
         """The `count` most recently received groups held, newest first (for image grids)."""
