@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from benchmarks.common import RESULTS_DIR, _figure
 from online_stablerep.config import load_config
+from online_stablerep.fractals import render_images
 from online_stablerep.producers.diffusion import DiffusionProducer
 from online_stablerep.producers.pipeline import SHIPPED_MODELS
-from online_stablerep.producers.procedural import render_images
 from online_stablerep.toy.models import classify, load_classifier
 from online_stablerep.toy.world import TOY_CATEGORIES, parse_caption
 

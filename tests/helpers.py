@@ -106,3 +106,37 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 
 def read_logs(log_dir: Path) -> str:
     return "\n".join(p.read_text() for p in sorted(log_dir.glob("rank*.log")))
+
+# Test-only helpers that used to ship in the package (no job uses them).
+
+
+def render_category_images(cfg, caption_id: int, image_indices):
+    """(len(image_indices), 3, S, S) uint8 renders of one category (e.g. a held-out set)."""
+    from online_stablerep.fractals import render_images
+
+    return render_images(cfg, [caption_id] * len(image_indices), list(image_indices))
+
+
+def save_random_unet(unet, path: str | Path, seed: int = 0,
+                     time_cond_proj_dim: int | None = None) -> Path:
+    """Save a random-weight UNet of `unet`'s architecture (an LCM-style distilled UNet when
+    `time_cond_proj_dim` is set: guidance is then an input, not a second pass)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = {**unet.config, "time_cond_proj_dim": time_cond_proj_dim}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UNet2DConditionModel.from_config(config)
+    model.save_pretrained(str(path))
+    return Path(path)
+
+
+def corpus(colour_captions: bool = True) -> list[str]:
+    """Every toy caption: plain ones first, then one per (colour, category)."""
+    from online_stablerep.toy.world import COLOURS, TOY_CATEGORIES, caption
+
+    plain = [caption(c) for c in range(TOY_CATEGORIES)]
+    if not colour_captions:
+        return plain
+    return plain + [caption(c, name) for name in COLOURS for c in range(TOY_CATEGORIES)]

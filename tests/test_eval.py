@@ -23,7 +23,7 @@ from online_stablerep.eval import (
     write_probe_json,
 )
 from online_stablerep.eval.linear_probe import stratified_split
-from online_stablerep.producers.procedural import render_category_images
+from tests.helpers import render_category_images
 
 
 def clusters(num_classes: int, per_class: int, dim: int, spread: float, seed: int):

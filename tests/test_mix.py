@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from online_stablerep.config import load_config
-from online_stablerep.config.inputs import InputError, check_inputs
+from online_stablerep.jobs.preflight import InputError, check_inputs
 from online_stablerep.losses.multi_positive import multi_positive_contrastive_loss
 from online_stablerep.producers.procedural import ProceduralProducer
 from online_stablerep.replay import ReplayBuffer

@@ -1,4 +1,4 @@
-"""The procedural fractal producer: shapes, determinism, sharding, resume, learnability."""
+"""The fractal renderer and the procedural producer: shapes, determinism, sharding, resume, learnability."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import torch
 
 from online_stablerep.config import load_config
 from online_stablerep.eval.linear_probe import linear_probe
-from online_stablerep.producers.procedural import (
-    ProceduralProducer,
+from online_stablerep.fractals import (
     caption_text,
     category_ifs,
-    render_category_images,
     render_images,
 )
+from online_stablerep.producers.procedural import ProceduralProducer
+from tests.helpers import render_category_images
 
 
 def small_cfg(*overrides: str):
@@ -86,10 +86,10 @@ def test_images_differ_within_a_group_and_across_categories():
 
 
 def test_shards_split_the_categories_without_overlap():
-    cfg = small_cfg("train.epochs=1")
+    cfg = small_cfg()
     seen = []
     for shard in range(2):
-        producer = ProceduralProducer(cfg, shard=shard, num_shards=2, rank=shard)
+        producer = ProceduralProducer(cfg, shard=shard, num_shards=2, rank=shard, max_epochs=1)
         ids = []
         while groups := producer.next_groups():
             ids.extend(g.caption_id for g in groups)

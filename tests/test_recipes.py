@@ -14,13 +14,10 @@ from online_stablerep.config import ConfigError, load_config
 from online_stablerep.config.recipes import RECIPES
 from online_stablerep.config.schema import GeneratorConfig
 from online_stablerep.producers import build_producer
-from online_stablerep.producers.artefacts import (
-    save_random_lora,
-    save_random_tiny_vae,
-    save_random_unet,
-)
+from online_stablerep.producers.artefacts import save_random_lora, save_random_tiny_vae
 from online_stablerep.producers.pipeline import build_components, stock_pipeline
 from online_stablerep.producers.sampling import Sampler, initial_noise, plan_steps
+from tests.helpers import save_random_unet
 
 CAPTIONS = ["a red car on a wet street", "two dogs on a sofa"]
 IDS = [(0, 3), (0, 8)]

@@ -149,7 +149,7 @@ def test_unshuffled_shard_smaller_than_a_batch_fails_at_start(tmp_path):
     # same 5 captions every epoch and a batch of 8 distinct ones never fills (the source used
     # to produce forever).
     from online_stablerep.config import load_config
-    from online_stablerep.config.inputs import InputError, check_inputs
+    from online_stablerep.jobs.preflight import InputError, check_inputs
 
     captions = tmp_path / "few.txt"
     captions.write_text("".join(f"caption {i}\n" for i in range(10)))

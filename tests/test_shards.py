@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from online_stablerep.config import load_config
-from online_stablerep.config.inputs import InputError, check_inputs
+from online_stablerep.jobs.preflight import InputError, check_inputs
 from online_stablerep.producers import build_producer
 from online_stablerep.producers.procedural import ProceduralProducer
 from online_stablerep.producers.shards import shard_files
@@ -64,7 +64,7 @@ def test_read_back_equals_what_the_producer_makes(tmp_path, image_format):
     spill.start()
     spilled = drain(spill)
     spill.close()
-    direct = drain(ProceduralProducer(config(tmp_path, "train.epochs=2"), 0, 1))
+    direct = drain(ProceduralProducer(config(tmp_path), 0, 1, max_epochs=2))
     assert len(spilled) == len(direct) == 40
     # Only complete shards under final names, groups_per_shard each but the last, each with
     # its key index.
@@ -244,7 +244,7 @@ def test_groups_queued_at_a_crash_are_written_on_resume(tmp_path, monkeypatch):
     rest = drain(resumed)
     resumed.close()
     assert [g.caption_id for g in handed + rest] == [
-        g.caption_id for g in drain(ProceduralProducer(config(tmp_path, "train.epochs=1"), 0, 1))]
+        g.caption_id for g in drain(ProceduralProducer(config(tmp_path), 0, 1, max_epochs=1))]
     keys = all_keys(tmp_path / "shards")
     assert len(keys) == len(set(keys)) == 20
 

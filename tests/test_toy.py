@@ -11,10 +11,10 @@ import torch
 from online_stablerep.cli import main
 from online_stablerep.config import load_config
 from online_stablerep.config.schema import GeneratorConfig
+from online_stablerep.fractals import render_alpha, render_images
 from online_stablerep.producers.captions import CaptionSource, packaged_captions_path
 from online_stablerep.producers.diffusion import DiffusionProducer
 from online_stablerep.producers.pipeline import SHIPPED_MODELS, build_components
-from online_stablerep.producers.procedural import render_alpha, render_images
 from online_stablerep.toy.models import classify, load_classifier
 from online_stablerep.toy.world import (
     COLOURS,
@@ -25,10 +25,10 @@ from online_stablerep.toy.world import (
     TOY_SEED,
     caption,
     colourise,
-    corpus,
     parse_caption,
     render_bank,
 )
+from tests.helpers import corpus
 
 TOY_DIR = SHIPPED_MODELS["toy"]
 shipped = pytest.mark.skipif(not (TOY_DIR / "model_index.json").is_file(),

@@ -71,7 +71,7 @@ class RecordingBuffer(ReplayBuffer):
         self.max_unused = 0
 
     def add(self, groups: list[CaptionGroup]) -> None:
-        unused = self.unused_count() + len(groups)
+        unused = self.capacity - self.room() + len(groups)  # held never drawn, then these
         self.max_unused = max(self.max_unused, unused)
         self.received.extend(group_record(g) for g in groups)
         super().add(groups)
@@ -134,10 +134,10 @@ def _worker(rank: int, world: int, spec: str, port: int, cfg: Config, out: str, 
             if fault.get("rank") == rank:
                 def make_producer():
                     return FaultyProducer(cfg, shard, shards, rank, fault=fault["kind"],
-                                          at_call=fault["at_call"])
+                                          at_call=fault["at_call"], max_epochs=cfg.train.epochs)
             else:
                 def make_producer():
-                    return ProceduralProducer(cfg, shard, shards, rank)
+                    return ProceduralProducer(cfg, shard, shards, rank, cfg.train.epochs)
             result["rc"] = run_generator(cfg, groups, make_producer)
     except Exception as err:
         result["error"] = str(err)
@@ -178,7 +178,7 @@ def expected_records(cfg: Config, roles: Roles) -> list[list]:
     """Every group the generators' shards make over the run, made in this process."""
     records = []
     for rank in roles.generator_ranks:
-        producer = ProceduralProducer(cfg, *roles.producer_shard(rank), rank)
+        producer = ProceduralProducer(cfg, *roles.producer_shard(rank), rank, cfg.train.epochs)
         while groups := producer.next_groups():
             records.extend(group_record(g) for g in groups)
     return records

@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_or_report(args)
     if cfg is None:
         return 2
+    from online_stablerep.monitoring.preview import render_grid
     from online_stablerep.producers.diffusion import DiffusionProducer
-    from online_stablerep.producers.preview import render_grid
 
     try:
         producer = DiffusionProducer(cfg, shard=0, num_shards=1)

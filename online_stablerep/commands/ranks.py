@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from online_stablerep.commands.common import add_config_arguments, load_or_report
-from online_stablerep.config.inputs import InputError, check_inputs
 from online_stablerep.config.validate import parse_generators
+from online_stablerep.jobs.preflight import InputError, check_inputs
 
 
 def main(argv: list[str] | None = None) -> int:

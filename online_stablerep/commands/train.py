@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)
         return _tell_other_nodes(f"config error: {err}")
-    from online_stablerep.config.inputs import InputError
+    from online_stablerep.jobs.preflight import InputError
     from online_stablerep.jobs.train import run_job
 
     try:

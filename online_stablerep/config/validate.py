@@ -7,7 +7,6 @@ from pathlib import Path
 
 from online_stablerep.config.recipes import RECIPES
 from online_stablerep.config.schema import Config
-from online_stablerep.replay.buffer import DRAWS, default_min_pool
 
 GUIDANCE_PRESETS: dict[str, list[float]] = {
     "small": [2.0, 3.0],
@@ -20,6 +19,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 RANDOM_ARCHITECTURES = ("tiny", "sd15", "sd21", "sdxl")
 PRODUCERS = ("procedural", "diffusion", "shards")
 IMAGE_FORMATS = ("png", "jpg", "webp")
+# How the replay buffer draws a batch (replay.draw).
+REPLAY_DRAWS = ("random", "sequential")
 
 
 class ConfigError(ValueError):
@@ -141,7 +142,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1")
     _require(cfg.replay.min_pool >= 0, "replay.min_pool", "must be >= 0 (0 = auto)")
     _require(cfg.replay.fresh_weight > 0, "replay.fresh_weight", "must be > 0")
-    _require(cfg.replay.draw in DRAWS, "replay.draw", f"must be one of {', '.join(DRAWS)}")
+    _one_of(cfg.replay.draw, "replay.draw", REPLAY_DRAWS)
     pool = resolved_min_pool(cfg)
     _require(cfg.replay.capacity >= pool, "replay.capacity",
              f"{cfg.replay.capacity} < replay.min_pool={pool} (the pool a batch is drawn from; "
@@ -263,7 +264,14 @@ def parse_generators(spec: str) -> tuple[int, bool]:
 
 
 def resolved_min_pool(cfg: Config) -> int:
-    """`replay.min_pool`, with 0 (auto) sized from captions_per_batch and max_reuse."""
-    if cfg.replay.min_pool > 0:
-        return max(cfg.replay.min_pool, cfg.batch.captions_per_batch)
-    return default_min_pool(cfg.batch.captions_per_batch, cfg.replay.max_reuse, cfg.replay.draw)
+    """`replay.min_pool`, with 0 (auto) sized from captions_per_batch n and max_reuse.
+
+    Uniform draws of n groups from a pool of P repeat about n / P of the previous batch and
+    spread a group's R uses over about R * P / n steps. 4n keeps the repeat near a quarter
+    (the official offline recipe reshuffles whole epochs, repeat ~0); with max_reuse 1 no group
+    can repeat, so a larger pool would only add latency.
+    """
+    n, r = cfg.batch.captions_per_batch, cfg.replay
+    if r.min_pool > 0:
+        return max(r.min_pool, n)
+    return n if r.max_reuse <= 1 or r.draw == "sequential" else 4 * n

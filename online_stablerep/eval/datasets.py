@@ -11,17 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from online_stablerep.config.schema import Config
-from online_stablerep.producers.procedural import render_images
-
-# Image indices of held-out renders start here; training uses epoch * k + j, which stays far
-# below it for any feasible run, so probe images are never training images.
-HELD_OUT_INDEX_OFFSET = 10**6
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+from online_stablerep.fractals import HELD_OUT_INDEX_OFFSET, render_images
+from online_stablerep.images import IMAGE_EXTENSIONS, load_image
 
 
 class TensorImages:
@@ -45,25 +39,6 @@ class TensorImages:
         """(b, 3, H, W) uint8 batches in label order."""
         for lo in range(0, len(self), batch_size):
             yield self.images_nchw[lo : lo + batch_size]
-
-
-def square_image(img: Image.Image, size: int) -> torch.Tensor:
-    """(3, size, size) uint8 RGB: shorter side resized to `size`, then centre-cropped."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    array = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) uint8 of an image file (see square_image)."""
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
-        return square_image(img, size)
 
 
 class ImageFolderImages:

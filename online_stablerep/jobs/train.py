@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 from online_stablerep.config import Config, ConfigError, save_config
-from online_stablerep.config.inputs import InputError, check_inputs
 from online_stablerep.config.validate import real_groups_per_batch, resolved_min_pool
 from online_stablerep.distributed.env import default_device, local_world_size
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
 from online_stablerep.distributed.startup import StartupError, agree_on_startup, several_nodes
+from online_stablerep.jobs.preflight import InputError, check_inputs
 from online_stablerep.jobs.shutdown import StopRequest, write_last_word
 from online_stablerep.monitoring.metrics import (
     MetricSink,

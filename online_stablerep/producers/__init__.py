@@ -12,27 +12,29 @@ from online_stablerep.producers.base import Producer
 
 
 def _procedural(cfg: Config, shard: int, num_shards: int, rank: int,
-                device: torch.device | str | None) -> Producer:
+                device: torch.device | str | None, max_epochs: int, min_images: int) -> Producer:
     # Procedural rendering runs on the CPU; the device is not used.
     from online_stablerep.producers.procedural import ProceduralProducer
 
-    return ProceduralProducer(cfg, shard, num_shards, rank=rank)
+    return ProceduralProducer(cfg, shard, num_shards, rank=rank, max_epochs=max_epochs)
 
 
 def _diffusion(cfg: Config, shard: int, num_shards: int, rank: int,
-               device: torch.device | str | None) -> Producer:
+               device: torch.device | str | None, max_epochs: int, min_images: int) -> Producer:
     # Imported lazily: diffusers and transformers take seconds to import.
     from online_stablerep.producers.diffusion import DiffusionProducer
 
-    return DiffusionProducer(cfg, shard, num_shards, rank=rank, device=device)
+    return DiffusionProducer(cfg, shard, num_shards, rank=rank, device=device,
+                             max_epochs=max_epochs)
 
 
 def _shards(cfg: Config, shard: int, num_shards: int, rank: int,
-            device: torch.device | str | None) -> Producer:
+            device: torch.device | str | None, max_epochs: int, min_images: int) -> Producer:
     # Stored groups are decoded on the CPU; the device is not used.
     from online_stablerep.producers.shards import ShardsProducer
 
-    return ShardsProducer(cfg, shard, num_shards, rank=rank)
+    return ShardsProducer(cfg, shard, num_shards, rank=rank, max_epochs=max_epochs,
+                          min_images=min_images)
 
 
 PRODUCERS: dict[str, Callable[..., Producer]] = {
@@ -60,7 +62,9 @@ def build_producer(cfg: Config, shard: int, num_shards: int, rank: int = 0,
         raise ValueError(
             f"producer.kind={cfg.producer.kind!r}: expected one of {', '.join(PRODUCERS)}"
         )
-    producer = PRODUCERS[cfg.producer.kind](cfg, shard, num_shards, rank, device)
+    # The two keys of the trainer a producer obeys, handed over here, so no producer reads them.
+    producer = PRODUCERS[cfg.producer.kind](cfg, shard, num_shards, rank, device,
+                                            cfg.train.epochs, cfg.batch.views_per_caption)
     x = cfg.export
     if not x.shards_dir:
         return producer

@@ -110,18 +110,6 @@ def save_random_lora(unet: UNet2DConditionModel, path: str | Path, rank: int = 4
     return Path(path)
 
 
-def save_random_unet(unet: UNet2DConditionModel, path: str | Path, seed: int = 0,
-                     time_cond_proj_dim: int | None = None) -> Path:
-    """Save a random-weight UNet of `unet`'s architecture (an LCM-style distilled UNet when
-    `time_cond_proj_dim` is set: guidance is then an input, not a second pass)."""
-    config = {**unet.config, "time_cond_proj_dim": time_cond_proj_dim}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UNet2DConditionModel.from_config(config)
-    model.save_pretrained(str(path))
-    return Path(path)
-
-
 def random_tiny_vae(upsamplings: int = 3, width: int | None = None) -> AutoencoderTiny:
     """A random-weight AutoencoderTiny with `upsamplings` 2x upsamplings.
 

@@ -31,14 +31,15 @@ class DiffusionProducer:
     """
 
     def __init__(self, cfg: Config, shard: int, num_shards: int, rank: int = 0,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, max_epochs: int = 0) -> None:
+        """`max_epochs`: passes over the captions (the trainer's train.epochs; 0: no end)."""
         self.cfg = cfg
         self.rank = rank
         self.device = torch.device(device) if device is not None else default_device()
         self.source = CaptionSource.open(cfg.captions)
         self.stream = CaptionStream(
             len(self.source), shard=shard, num_shards=num_shards, seed=cfg.producer.seed,
-            shuffle=cfg.captions.shuffle, max_epochs=cfg.train.epochs,
+            shuffle=cfg.captions.shuffle, max_epochs=max_epochs,
         )
         self.scales = parse_guidance(cfg.generator.guidance)
         self.sampler: Sampler | None = None

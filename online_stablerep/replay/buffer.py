@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from online_stablerep.config.validate import REPLAY_DRAWS
 from online_stablerep.records import CaptionGroup, TrainBatch
 
 GroupKey = tuple[int, int, int]  # (caption_id, epoch, producer_rank)
@@ -17,20 +18,6 @@ GroupKey = tuple[int, int, int]  # (caption_id, epoch, producer_rank)
 
 def group_key(group: CaptionGroup) -> GroupKey:
     return (group.caption_id, group.epoch, group.producer_rank)
-
-
-DRAWS = ("random", "sequential")
-
-
-def default_min_pool(n: int, max_reuse: int, draw: str = "random") -> int:
-    """The pool a draw needs when `replay.min_pool` is 0 (auto).
-
-    Uniform draws of n groups from a pool of P repeat about n / P of the previous batch and
-    spread a group's R uses over about R * P / n steps. 4n keeps the repeat near a quarter
-    (the official offline recipe reshuffles whole epochs, repeat ~0); with max_reuse 1 no group
-    can repeat, so a larger pool would only add latency.
-    """
-    return n if max_reuse <= 1 or draw == "sequential" else 4 * n
 
 
 @dataclass(eq=False)  # identity: list.remove must not compare image tensors
@@ -67,8 +54,8 @@ class ReplayBuffer:
             raise ValueError(f"replay.min_pool ({min_pool}) exceeds replay.capacity ({capacity})")
         if fresh_weight <= 0:
             raise ValueError("replay.fresh_weight must be > 0")
-        if draw not in DRAWS:
-            raise ValueError(f"replay.draw must be one of {DRAWS}, got {draw!r}")
+        if draw not in REPLAY_DRAWS:
+            raise ValueError(f"replay.draw must be one of {REPLAY_DRAWS}, got {draw!r}")
         self.draw = draw
         self.capacity = capacity
         self.max_reuse = max_reuse
@@ -101,21 +88,11 @@ class ReplayBuffer:
         with self._lock:
             return len(self._slots)
 
-    def unused_count(self) -> int:
-        """Groups held that were never drawn."""
-        with self._lock:
-            return sum(1 for s in self._slots if s.uses == 0)
-
     def room(self) -> int:
         """Groups the buffer can still accept without evicting one that was never used (the
         credit rule hands out at most this much, less what is already promised)."""
         with self._lock:
             return self.capacity - sum(1 for s in self._slots if s.uses == 0)
-
-    def pool_size(self) -> int:
-        """Eligible groups held (uses < max_reuse): what a batch is drawn from."""
-        with self._lock:
-            return len(self._slots)
 
     def newest(self, count: int) -> list[CaptionGroup]:
         """The `count` most recently received groups held, newest first (for image grids)."""

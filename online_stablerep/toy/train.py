@@ -31,7 +31,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusio
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from online_stablerep.eval.datasets import HELD_OUT_INDEX_OFFSET
+from online_stablerep.fractals import HELD_OUT_INDEX_OFFSET
 from online_stablerep.producers.pipeline import Components
 from online_stablerep.producers.sampling import Sampler
 from online_stablerep.producers.tokenizer import build_clip_tokenizer

@@ -18,7 +18,7 @@ import re
 import numpy as np
 import torch
 
-from online_stablerep.producers.procedural import render_alpha
+from online_stablerep.fractals import render_alpha
 
 # The procedural world of the toy model: categories 0..TOY_CATEGORIES-1 of producer.seed=0.
 TOY_SEED = 0
@@ -101,11 +101,3 @@ def colourise(alpha_b1hw: torch.Tensor, colours: list[str | None],
     bg = _hsv(u[:, 3], 0.5 * u[:, 4], 0.2 * u[:, 5])
     alpha = alpha_b1hw.float() / 255
     return bg[:, :, None, None] + alpha * (fg - bg)[:, :, None, None]
-
-
-def corpus(colour_captions: bool = True) -> list[str]:
-    """Every toy caption: plain ones first, then one per (colour, category)."""
-    plain = [caption(c) for c in range(TOY_CATEGORIES)]
-    if not colour_captions:
-        return plain
-    return plain + [caption(c, name) for name in COLOURS for c in range(TOY_CATEGORIES)]

@@ -2,23 +2,23 @@
 made from folder names, or WebDataset shards of an image and a "txt" caption per sample.
 
 Each trainer rank reads its own share (every num_shards-th image), in a fresh seeded order per
-epoch for an ImageFolder and in stored order for shards; its cursor (epoch, position) goes into
-checkpoints so a resumed run continues where it stopped.
+epoch for an ImageFolder and in stored order for shards; its cursor (epoch, position;
+producers/cursor.py) goes into checkpoints so a resumed run continues where it stopped.
 """
 
 from __future__ import annotations
 
 import io
 import random
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
-from online_stablerep.eval.datasets import IMAGE_EXTENSIONS, load_image, square_image
+from online_stablerep.images import IMAGE_EXTENSIONS, load_image, square_image
+from online_stablerep.producers.cursor import Epoch, EpochStream, Position, SkipBad, Unreadable
 from online_stablerep.producers.shards import shard_files
 from online_stablerep.shards.format import ShardError, iter_samples
 
@@ -44,19 +44,6 @@ def is_image_folder(path: str) -> bool:
     return root.is_dir() and any(p.is_dir() for p in root.iterdir())
 
 
-# (consumed so far, image) of one epoch of a trainer's share, from a resumed position on.
-Epoch = Generator[tuple[int, RealImage], None, None]
-
-# Called with each unreadable image or shard rest when bad samples are skipped (None: raise).
-OnBad = Callable[[RealImageError], None] | None
-
-
-def _bad(err: RealImageError, on_bad: OnBad) -> None:
-    if on_bad is None:
-        raise err
-    on_bad(err)
-
-
 class ImageFolderSource:
     """<root>/<class>/<image>; caption = template filled with the class folder's name."""
 
@@ -76,7 +63,8 @@ class ImageFolderSource:
         return len(self.items)
 
     def epoch(self, epoch: int, shard: int, num_shards: int, seed: int, size: int,
-              on_bad: OnBad = None, start: int = 0) -> Epoch:
+              start: int = 0) -> Epoch[RealImage]:
+        """Share `shard` of `num_shards` of the images, in an order drawn from (seed, epoch)."""
         mine = list(range(shard, len(self.items), num_shards))
         random.Random(seed * 1_000_003 + epoch).shuffle(mine)
         for index in range(start, len(mine)):
@@ -84,9 +72,10 @@ class ImageFolderSource:
             try:
                 image = load_image(path, size)
             except OSError as err:
-                _bad(RealImageError(f"mix.real_path: cannot read image {path}: {err}"), on_bad)
+                yield (index + 1,), Unreadable(
+                    RealImageError(f"mix.real_path: cannot read image {path}: {err}"))
                 continue
-            yield index + 1, RealImage(image, caption, mine[index])
+            yield (index + 1,), RealImage(image, caption, mine[index])
 
 
 def shard_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -130,7 +119,9 @@ class ShardSource:
             raise RealImageError(f"mix.real_path={path!r}: no .tar shards there")
 
     def epoch(self, epoch: int, shard: int, num_shards: int, seed: int, size: int,
-              on_bad: OnBad = None, start: int = 0) -> Epoch:
+              start: int = 0) -> Epoch[RealImage]:
+        """Share `shard` of `num_shards` of the samples (every num_shards-th), in stored order
+        (the same every epoch)."""
         uid, index = 0, 0  # index: of this share's samples, in stored order
         for path in self.files:
             samples = shard_samples(path)
@@ -140,81 +131,41 @@ class ShardSource:
                 except StopIteration:
                     break
                 except RealImageError as err:  # the unreadable rest of a corrupt shard
-                    _bad(err, on_bad)
+                    yield (max(index, start),), Unreadable(err)
                     break
                 if uid % num_shards == shard:
                     index += 1
                     # Samples before the resumed cursor are read past, not decoded.
-                    image = None
                     if index > start:
                         try:
                             image, caption = decode_shard_sample(path, key, sample, size)
                         except RealImageError as err:
-                            _bad(err, on_bad)
-                    if image is not None:
-                        yield index, RealImage(image, caption, uid)
+                            yield (index,), Unreadable(err)
+                        else:
+                            yield (index,), RealImage(image, caption, uid)
                 uid += 1
 
 
-class RealImageStream:
-    """This trainer rank's endless stream of real images, epoch after epoch, resumable."""
+class RealImageStream(EpochStream[RealImage]):
+    """This trainer rank's endless stream of real images, epoch after epoch, resumable (the
+    cursor and the policy for unreadable samples are producers/cursor.py's)."""
 
     def __init__(self, path: str, template: str, size: int, shard: int, num_shards: int,
-                 seed: int, skip_bad: bool = False) -> None:
+                 seed: int, skip_bad: bool = False, rank: int = 0) -> None:
+        """`shard` of `num_shards`: this trainer's index among the trainers; `rank`: its global
+        rank (in log lines)."""
+        super().__init__("real images", {"shard": shard, "num_shards": num_shards, "seed": seed},
+                         "the same trainer ranks and seed",
+                         skip=SkipBad("mix.skip_bad_samples", skip_bad, "mix", rank))
         self.source = ImageFolderSource(path, template) if is_image_folder(path) else (
             ShardSource(path))
         self.size, self.shard, self.num_shards, self.seed = size, shard, num_shards, seed
-        # position: how many of this epoch's share were consumed (handed out or skipped as bad).
-        self.epoch, self.position = 0, 0
-        # Unreadable samples skipped so far (mix.skip_bad_samples); the first is printed.
-        self.skipped = 0
-        self._on_bad = self._count if skip_bad else None
-        self._iter: Epoch | None = None
-        self._yielded = False  # whether this epoch has given an image
 
-    def _count(self, err: RealImageError) -> None:
-        if self.skipped == 0:
-            print(f"skipping bad real samples (mix.skip_bad_samples=true), first: {err}",
-                  flush=True)
-        self.skipped += 1
+    def _epoch(self, epoch: int, start: Position) -> Epoch[RealImage]:
+        return self.source.epoch(epoch, self.shard, self.num_shards, self.seed, self.size,
+                                 start=start[0])
 
-    def _open(self) -> None:
-        # A resumed cursor starts the epoch there without decoding what came before it.
-        self._iter = self.source.epoch(self.epoch, self.shard, self.num_shards, self.seed,
-                                       self.size, self._on_bad, start=self.position)
-        self._yielded = self.position > 0
-
-    def take(self, count: int) -> list[RealImage]:
-        """The next `count` images; an epoch that ends midway starts the next one."""
-        if self._iter is None:
-            self._open()
-        images: list[RealImage] = []
-        empty_epochs = 0
-        while len(images) < count:
-            step = next(self._iter, None)
-            if step is None:
-                empty_epochs = 0 if self._yielded else empty_epochs + 1
-                if empty_epochs > 1:
-                    raise RealImageError(
-                        f"mix.real_path: trainer share {self.shard} of {self.num_shards} holds "
-                        "no image: give more images than trainer ranks")
-                self.epoch, self.position = self.epoch + 1, 0
-                self._open()
-                continue
-            self.position, item = step
-            self._yielded = True
-            images.append(item)
-        return images
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._iter = None
-
-    def close(self) -> None:
-        """Close the open shard, if any; a later take() reopens at the cursor."""
-        if self._iter is not None:
-            self._iter.close()
-            self._iter = None
+    def _empty_epoch(self) -> Exception:
+        return RealImageError(
+            f"mix.real_path: trainer share {self.shard} of {self.num_shards} holds no image: "
+            "give more images than trainer ranks")

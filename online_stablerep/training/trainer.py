@@ -25,7 +25,7 @@ from online_stablerep.losses import StableRepLoss
 from online_stablerep.models.encoder import build_model
 from online_stablerep.monitoring.layout import BalanceAdvisor, custom_scalars_layout
 from online_stablerep.monitoring.metrics import MetricSink, console
-from online_stablerep.producers.preview import render_grid
+from online_stablerep.monitoring.preview import render_grid
 from online_stablerep.records import TrainBatch
 from online_stablerep.training import checkpoint as ckpt
 from online_stablerep.training.augment import DeviceAugment

@@ -19,11 +19,11 @@ import time
 from typing import Any
 
 from online_stablerep.distributed.groups import JobGroups
-from online_stablerep.replay import ReplayBuffer
 from online_stablerep.transport import messages as msg
 from online_stablerep.transport import protocol as proto
 from online_stablerep.transport.messages import Kind, TransportError
 from online_stablerep.transport.protocol import Cursor, GenState
+from online_stablerep.transport.sink import GroupSink
 from online_stablerep.transport.wire import unpack_groups
 
 
@@ -40,7 +40,7 @@ class Receiver:
     """
 
     def __init__(
-        self, groups: JobGroups, buffer: ReplayBuffer, credits_per_generator: int,
+        self, groups: JobGroups, buffer: GroupSink, credits_per_generator: int,
         timeout_s: float, startup_timeout_s: float | None = None,
     ) -> None:
         assert groups.data_plane is not None and groups.control is not None

@@ -1,10 +1,12 @@
-"""Checks of everything a config points at, run on every rank (and by launch/train.sh) before any
-process group or model exists: the layout against the launched world, the output and evaluation
-paths, the caption corpus, the diffusion model folders and the backbone's input size.
+"""The job's preflight: checks of everything a config points at, run on every rank (and by
+launch/train.sh) before any process group or model exists: the layout against the launched
+world, the output and evaluation paths, the caption corpus, stored shards, real images, the
+diffusion model folders and the backbone's input size.
 
 Each failure is an InputError naming the key, file or value and what to do; the CLI prints it as
-one line and exits 2. `validate()` (config/validate.py) checks values on their own; this module
-checks them against the world and the file system.
+one line and exits 2. `validate()` (config/validate.py) checks values on their own and imports
+nothing above the config; this module checks them against the world, the file system and the
+parts the job will build, so it sits in the job layer beside what it checks.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def _check_real_images(cfg: Config, trainers: int) -> None:
     sample of every shard (or the first image) decodes."""
     if cfg.mix.real_fraction == 0:
         return
+    from online_stablerep.producers.cursor import Unreadable
     from online_stablerep.training import real_images as real
 
     path = cfg.mix.real_path
@@ -170,7 +173,9 @@ def _check_real_images(cfg: Config, trainers: int) -> None:
             source = real.ImageFolderSource(path, cfg.mix.caption_template)
             count = len(source)
             if not cfg.mix.skip_bad_samples:
-                next(source.epoch(0, 0, 1, 0, cfg.producer.output_size))
+                _, first = next(source.epoch(0, 0, 1, 0, cfg.producer.output_size))
+                if isinstance(first, Unreadable):
+                    raise first.error
         else:
             source = real.ShardSource(path)
             count = 0
