@@ -119,7 +119,7 @@ def _trainer_source(
     trainers = roles.trainer_ranks
     real = RealImageStream(cfg.mix.real_path, cfg.mix.caption_template,
                            cfg.producer.output_size, trainers.index(rank), len(trainers), cfg.seed,
-                           skip_bad=cfg.mix.skip_bad_samples)
+                           skip_bad=cfg.mix.skip_bad_samples, rank=rank)
     if cfg.mix.prefetch_batches:
         from online_stablerep.training.real_prefetch import PrefetchedRealImages
 
