@@ -78,7 +78,7 @@ def build_step(args: argparse.Namespace, device: torch.device):
     cfg = load_config("cpu_procedural", [f"model.backbone={args.backbone}",
                                          f"model.image_size={args.input_size}"])
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     k = 2
     ids = torch.arange(args.rows // k, device=device).repeat(k)

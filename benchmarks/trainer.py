@@ -125,7 +125,7 @@ def plain_loop(cfg: Config, batch: TrainBatch, device: torch.device) -> Callable
     from online_stablerep.training.trainer import peak_lr, use_bf16
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device).train()
+    model = build_model(cfg.model).to(device).train()
     loss_fn = StableRepLoss(cfg.loss)
     augment = DeviceAugment(cfg.augment, cfg.model.image_size)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

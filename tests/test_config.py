@@ -4,6 +4,7 @@ import pytest
 
 from online_stablerep.cli import main
 from online_stablerep.config import ConfigError, load_config, parse_guidance, preset_names
+from online_stablerep.config.load import RENAMED
 
 
 @pytest.mark.parametrize("name", ["cpu_procedural", "cpu_demo", "sd15_vitb16"])
@@ -43,9 +44,9 @@ def test_overrides_apply():
         ("roles.generators=two", "roles.generators"),
         ("train.zero_stage=3", "train.zero_stage"),
         ("augment.grayscale_p=1.5", "augment.grayscale_p"),
-        ("export.image_format=gif", "export.image_format"),
-        ("export.quality=0", "export.quality"),
-        ("export.groups_per_shard=0", "export.groups_per_shard"),
+        ("shards.image_format=gif", "shards.image_format"),
+        ("shards.quality=0", "shards.quality"),
+        ("shards.groups_per_shard=0", "shards.groups_per_shard"),
         ("producer.kind=shards", "shards.path"),
         ("mix.prefetch_batches=-1", "mix.prefetch_batches"),
     ],
@@ -55,9 +56,20 @@ def test_bad_values_name_the_key(override, key):
         load_config("cpu_demo", [override])
 
 
-def test_shards_are_not_exported_again():
-    with pytest.raises(ConfigError, match=r"export\.shards_dir"):
-        load_config("cpu_demo", ["producer.kind=shards", "shards.path=x", "export.shards_dir=y"])
+def test_shards_are_not_written_again():
+    with pytest.raises(ConfigError, match=r"shards\.write_dir"):
+        load_config("cpu_demo", ["producer.kind=shards", "shards.path=x", "shards.write_dir=y"])
+
+
+@pytest.mark.parametrize("old, new", list(RENAMED.items()))
+def test_renamed_keys_fail_naming_the_new_key(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=rf"{old} \(command line\) was renamed {new}"):
+        load_config("cpu_demo", [f"{old}=1"])
+    section, key = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=rf"{old} \({path}\) was renamed {new}"):
+        load_config(str(path))
 
 
 def test_unknown_preset_lists_presets():

@@ -37,7 +37,7 @@ with torch.no_grad():
 
 def _random_encoder(cfg):
     torch.manual_seed(123)
-    model = build_model(cfg).eval()
+    model = build_model(cfg.model).eval()
     return lambda images: model.encode_image(images).detach()
 
 

@@ -35,7 +35,7 @@ def tiny_config(backbone: str, head: str, text_tower: bool = False) -> Config:
 @pytest.mark.parametrize("head", ["mlp_bn", "mlp_ln"])
 def test_forward_shapes(backbone: str, features: int, head: str) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_config(backbone, head))
+    model = build_model(tiny_config(backbone, head).model)
     images = torch.randn(N_CAPTIONS * K, 3, SIZE, SIZE)
     outputs = model(images, K)
     assert set(outputs) == {"image_embed"}
@@ -46,19 +46,19 @@ def test_forward_shapes(backbone: str, features: int, head: str) -> None:
 
 
 def test_vit_is_built_for_the_configured_image_size() -> None:
-    model = build_model(tiny_config("vit_tiny_patch16_224", "mlp_bn"))
+    model = build_model(tiny_config("vit_tiny_patch16_224", "mlp_bn").model)
     # (32 / 16)^2 patches + the CLS token.
     assert model.backbone.pos_embed.shape[1] == (SIZE // 16) ** 2 + 1
 
 
 def test_unknown_backbone_raises() -> None:
     with pytest.raises(ValueError, match="model.backbone='no_such_net'"):
-        build_model(tiny_config("no_such_net", "mlp_bn"))
+        build_model(tiny_config("no_such_net", "mlp_bn").model)
 
 
 def test_text_tower_outputs_and_logit_scale() -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_config("resnet10t", "mlp_bn", text_tower=True))
+    model = build_model(tiny_config("resnet10t", "mlp_bn", text_tower=True).model)
     captions = ["a red fox", "two boats on a lake", "a bowl of ramen"]
     tokens = tokenize(captions, 12)
     outputs = model(torch.randn(N_CAPTIONS * K, 3, SIZE, SIZE), K, tokens)
@@ -72,7 +72,7 @@ def test_text_tower_outputs_and_logit_scale() -> None:
 def test_image_text_term_uses_its_own_linear_projection_of_the_backbone() -> None:
     # Official StableRepMM: image_emb = backbone features @ image_projection, not the BN head.
     torch.manual_seed(0)
-    model = build_model(tiny_config("resnet10t", "mlp_bn", text_tower=True))
+    model = build_model(tiny_config("resnet10t", "mlp_bn", text_tower=True).model)
     model.eval()
     images = torch.randn(N_CAPTIONS * K, 3, SIZE, SIZE)
     outputs = model(images, K, tokenize(["a", "b", "c"], 12))
@@ -90,7 +90,7 @@ def test_image_text_term_uses_its_own_linear_projection_of_the_backbone() -> Non
 
 def test_logit_scale_keeps_its_gradient_at_the_bound_and_is_clamped_after_the_step() -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_config("resnet10t", "mlp_bn", text_tower=True))
+    model = build_model(tiny_config("resnet10t", "mlp_bn", text_tower=True).model)
     with torch.no_grad():
         model.logit_scale.fill_(LOGIT_SCALE_MAX + 0.5)
     outputs = model(torch.randn(N_CAPTIONS * K, 3, SIZE, SIZE), K, tokenize(["a", "b", "c"], 12))
@@ -106,7 +106,7 @@ def test_logit_scale_keeps_its_gradient_at_the_bound_and_is_clamped_after_the_st
 
 
 def test_text_tokens_without_tower_raise() -> None:
-    model = build_model(tiny_config("resnet10t", "mlp_bn"))
+    model = build_model(tiny_config("resnet10t", "mlp_bn").model)
     with pytest.raises(ValueError, match="text_tower"):
         model(torch.randn(4, 3, SIZE, SIZE), 2, tokenize(["a", "b"], 12))
 
@@ -133,7 +133,7 @@ def test_head_batchnorm_statistics_are_per_view_chunk() -> None:
 
 
 def test_model_rejects_batch_not_divisible_by_views() -> None:
-    model = build_model(tiny_config("resnet10t", "mlp_ln"))
+    model = build_model(tiny_config("resnet10t", "mlp_ln").model)
     with pytest.raises(ValueError, match="does not split into 4 views"):
         model(torch.randn(6, 3, SIZE, SIZE), 4)
 
@@ -189,7 +189,7 @@ def test_cuda_bf16_autocast_step_matches_fp32() -> None:
     torch.manual_seed(0)
     cfg = tiny_config("vit_tiny_patch16_224", "mlp_bn", text_tower=True)
     cfg.model.drop_path_rate = 0.0  # both forwards must see the same network
-    model = build_model(cfg).cuda()
+    model = build_model(cfg.model).cuda()
     captions = ["a red fox", "two boats on a lake", "a bowl of ramen"]
     tokens = tokenize(captions, 12).cuda()
     ids = torch.tensor([5, 6, 7] * K).cuda()

@@ -1,4 +1,4 @@
-"""Caption groups written to WebDataset shards and read back (shards/, producers/spill.py,
+"""Caption groups written to WebDataset shards and read back (shards/, producers/shard_writing.py,
 producers/shards.py), in one process: round trip, crash leftovers, replay after a lost queue,
 a full disk, and every bad shard input answered with its error."""
 
@@ -28,7 +28,7 @@ from online_stablerep.producers.shards import shard_files
 from online_stablerep.records import CaptionGroup
 from online_stablerep.shards import writer as writer_module
 from online_stablerep.shards.format import ShardError, iter_samples, sample_key, scan_keys
-from online_stablerep.shards.writer import SpillError
+from online_stablerep.shards.writer import ShardWriteError
 from tests.helpers import TINY_PROCEDURAL
 
 
@@ -37,8 +37,8 @@ def config(tmp_path: Path, *extra: str):
                                           *extra])
 
 
-def spill_config(tmp_path: Path, *extra: str):
-    return config(tmp_path, f"export.shards_dir={tmp_path / 'shards'}", *extra)
+def writer_config(tmp_path: Path, *extra: str):
+    return config(tmp_path, f"shards.write_dir={tmp_path / 'shards'}", *extra)
 
 
 def reader_config(tmp_path: Path, *extra: str):
@@ -59,13 +59,13 @@ def all_keys(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("image_format", ["png", "jpg", "webp"])
 def test_read_back_equals_what_the_producer_makes(tmp_path, image_format):
-    spill = build_producer(spill_config(tmp_path, "train.epochs=2", "export.groups_per_shard=7",
-                                        f"export.image_format={image_format}"), 0, 1)
-    spill.start()
-    spilled = drain(spill)
-    spill.close()
+    writing = build_producer(writer_config(tmp_path, "train.epochs=2", "shards.groups_per_shard=7",
+                                        f"shards.image_format={image_format}"), 0, 1)
+    writing.start()
+    written = drain(writing)
+    writing.close()
     direct = drain(ProceduralProducer(config(tmp_path), 0, 1, max_epochs=2))
-    assert len(spilled) == len(direct) == 40
+    assert len(written) == len(direct) == 40
     # Only complete shards under final names, groups_per_shard each but the last, each with
     # its key index.
     names = sorted(p.name for p in (tmp_path / "shards").iterdir())
@@ -90,10 +90,10 @@ def test_read_back_equals_what_the_producer_makes(tmp_path, image_format):
 
 
 def test_shards_split_across_ranks_and_cursor_resumes(tmp_path):
-    spill = build_producer(spill_config(tmp_path, "train.epochs=1", "export.groups_per_shard=4"),
+    writing = build_producer(writer_config(tmp_path, "train.epochs=1", "shards.groups_per_shard=4"),
                            0, 1)
-    drain(spill)
-    spill.close()  # 20 groups: 5 shards
+    drain(writing)
+    writing.close()  # 20 groups: 5 shards
     cfg = reader_config(tmp_path, "train.epochs=2", "shards.shuffle_files=true",
                         "producer.captions_per_call=3")
     per_rank = [drain(build_producer(cfg, r, 2, rank=r)) for r in range(2)]
@@ -112,10 +112,10 @@ def test_shards_split_across_ranks_and_cursor_resumes(tmp_path):
 
 def _tmp_shard_with_torn_tail(tmp_path: Path) -> Path:
     """A leftover .tmp: two complete samples and a third cut off inside an image."""
-    spill = build_producer(spill_config(tmp_path, "train.epochs=1", "export.groups_per_shard=3"),
+    writing = build_producer(writer_config(tmp_path, "train.epochs=1", "shards.groups_per_shard=3"),
                            0, 1)
-    drain(spill)
-    spill.close()
+    drain(writing)
+    writing.close()
     shard = tmp_path / "shards" / "rank00000-000000.tar"
     data = shard.read_bytes()
     third = [m for m in tarfile.open(shard) if m.name.startswith(scan_keys(shard)[2])][0]
@@ -228,14 +228,14 @@ def test_groups_queued_at_a_crash_are_written_on_resume(tmp_path, monkeypatch):
         return encode(group, *args)
 
     monkeypatch.setattr(writer_module, "encode_group", stalling_encode)
-    cfg = spill_config(tmp_path, "train.epochs=1", "producer.captions_per_call=4")
+    cfg = writer_config(tmp_path, "train.epochs=1", "producer.captions_per_call=4")
     producer = build_producer(cfg, 0, 1)
     handed = producer.next_groups() + producer.next_groups() + producer.next_groups()
     state = producer.state_dict()
-    assert state["spill"]["calls"] == 3
+    assert state["unwritten"]["calls"] == 3
     crash.set()
     release.set()
-    with pytest.raises(SpillError):
+    with pytest.raises(ShardWriteError):
         producer.close()
     monkeypatch.setattr(writer_module, "encode_group", encode)
     resumed = build_producer(cfg, 0, 1)
@@ -258,8 +258,8 @@ def test_full_disk_stops_the_producer_naming_the_shard(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(writer_module.os, "fsync", full)
-    producer = build_producer(spill_config(tmp_path, "export.queue_groups=2"), 0, 1)
-    with pytest.raises(SpillError, match=r"rank00000-000000\.tar\.tmp: no space left"):
+    producer = build_producer(writer_config(tmp_path, "shards.queue_groups=2"), 0, 1)
+    with pytest.raises(ShardWriteError, match=r"rank00000-000000\.tar\.tmp: no space left"):
         for _ in range(10):  # the queue fills, put waits, sees the error: no hang
             producer.next_groups()
     producer.close()  # reported once already

@@ -1,4 +1,4 @@
-"""The training job with shards: a colocated procedural run spills its groups, a second run
+"""The training job with shards: a colocated procedural run writes its groups to shards, a second run
 trains from them (producer.kind=shards); stop/resume and a killed run neither duplicate nor
 lose a group; bad shards and a full disk end the job with one line naming the file."""
 
@@ -44,10 +44,10 @@ def stream_keys(count: int) -> list[str]:
     return [sample_key(g.epoch, g.caption_id) for g in groups[:count]]
 
 
-def test_spill_then_train_from_the_shards(tmp_path):
+def test_write_shards_then_train_from_them(tmp_path):
     shards = tmp_path / "shards"
-    train(tmp_path / "spill", "train.steps=4", f"export.shards_dir={shards}",
-          "export.groups_per_shard=16")
+    train(tmp_path / "write", "train.steps=4", f"shards.write_dir={shards}",
+          "shards.groups_per_shard=16")
     assert not list(shards.glob("*.tmp"))
     written = keys(shards)
     assert written == stream_keys(len(written)) and len(written) >= 32
@@ -72,7 +72,7 @@ def test_spill_then_train_from_the_shards(tmp_path):
 
 def test_stop_and_resume_write_every_group_once(tmp_path):
     shards, out = tmp_path / "shards", tmp_path / "run"
-    common = ["train.steps=8", f"export.shards_dir={shards}", "export.groups_per_shard=16"]
+    common = ["train.steps=8", f"shards.write_dir={shards}", "shards.groups_per_shard=16"]
     train(out, *common, "train.stop_after=4")
     first = keys(shards)
     train(out, *common, "resume=true")
@@ -83,7 +83,7 @@ def test_stop_and_resume_write_every_group_once(tmp_path):
 
 def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path):
     shards, out = tmp_path / "shards", tmp_path / "run"
-    common = [f"output_dir={out}", f"export.shards_dir={shards}", "export.groups_per_shard=1000",
+    common = [f"output_dir={out}", f"shards.write_dir={shards}", "shards.groups_per_shard=1000",
               "train.checkpoint_every=2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
@@ -122,21 +122,21 @@ def test_full_disk_stops_the_job_naming_the_shard(tmp_path):
         env.pop(key, None)
     result = subprocess.run(
         [sys.executable, "-m", "online_stablerep.cli", *BASE, f"output_dir={tmp_path / 'run'}",
-         f"export.shards_dir={tmp_path / 'shards'}", "train.steps=1000",
-         "export.groups_per_shard=100000"],
+         f"shards.write_dir={tmp_path / 'shards'}", "train.steps=1000",
+         "shards.groups_per_shard=100000"],
         env=env, capture_output=True, text=True, timeout=300, preexec_fn=_small_file_limit)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "cannot write shard" in result.stderr and "rank00000-000000.tar.tmp" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_hybrid_generator_rank_spills_and_resumes_without_duplicates(tmp_path):
+def test_hybrid_generator_rank_writes_shards_and_resumes_without_duplicates(tmp_path):
     from tests.helpers import start_ranks, wait_all
 
     shards, out = tmp_path / "shards", tmp_path / "run"
     args = ["--config", "cpu_procedural", f"output_dir={out}", *TINY_PROCEDURAL,
             "roles.generators=1", "train.checkpoint_every=0", "producer.captions_per_call=4",
-            f"export.shards_dir={shards}", "export.groups_per_shard=16", "train.steps=8"]
+            f"shards.write_dir={shards}", "shards.groups_per_shard=16", "train.steps=8"]
     assert wait_all(start_ranks(2, [*args, "train.stop_after=4"], tmp_path / "a"), 300) == [0, 0]
     first = keys(shards)
     assert wait_all(start_ranks(2, [*args, "resume=true"], tmp_path / "b"), 300) == [0, 0]
@@ -148,8 +148,8 @@ def test_hybrid_generator_rank_spills_and_resumes_without_duplicates(tmp_path):
 
 def test_offline_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     shards = tmp_path / "shards"
-    train(tmp_path / "spill", "train.steps=4", f"export.shards_dir={shards}",
-          "export.groups_per_shard=8")
+    train(tmp_path / "write", "train.steps=4", f"shards.write_dir={shards}",
+          "shards.groups_per_shard=8")
     common = ["producer.kind=shards", f"shards.path={shards}", "train.steps=6"]
     train(tmp_path / "full", *common)
     train(tmp_path / "part", *common, "train.stop_after=3")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from online_stablerep.config.recipes import recipe_levers
@@ -13,6 +13,15 @@ from online_stablerep.config.schema import Config
 from online_stablerep.config.validate import ConfigError, validate
 
 PRESETS_PACKAGE = "online_stablerep.config.presets"
+# Keys that were renamed: the old name fails, naming the new one (no silent alias). "export"
+# means only `online-stablerep export` (the encoder for timm); writing shards is shards.*.
+RENAMED = {
+    "export.shards_dir": "shards.write_dir",
+    "export.image_format": "shards.image_format",
+    "export.quality": "shards.quality",
+    "export.groups_per_shard": "shards.groups_per_shard",
+    "export.queue_groups": "shards.queue_groups",
+}
 
 
 def preset_names() -> list[str]:
@@ -36,6 +45,14 @@ def _preset_text(name_or_path: str) -> tuple[str, str]:
     return resource.read_text(), f"preset {name_or_path}"
 
 
+def _refuse_renamed(tree: DictConfig, where: str) -> None:
+    """Raise ConfigError for a key of RENAMED that `tree` (a preset or the overrides) sets."""
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(tree.get(section), DictConfig) and key in tree[section]:
+            raise ConfigError(f"{old} ({where}) was renamed {new}: write {new}")
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Build the validated config.
 
@@ -48,11 +65,14 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     """
     base = OmegaConf.structured(Config)
     try:
-        preset = OmegaConf.create(_preset_text(name_or_path)[0] if name_or_path else "{}")
+        text, where = _preset_text(name_or_path) if name_or_path else ("{}", "")
+        preset = OmegaConf.create(text)
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
         command_line = OmegaConf.from_dotlist(list(overrides or []))
+        _refuse_renamed(preset, where)
+        _refuse_renamed(command_line, "command line")
         merged = OmegaConf.merge(base, preset, command_line)
         # A recipe's levers sit between the preset and the command line: they replace the
         # preset's generator keys, and explicit overrides replace them.

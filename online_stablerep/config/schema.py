@@ -248,22 +248,20 @@ class CaptionsConfig:
 
 
 @dataclass
-class ExportConfig:
-    # Also write every generated caption group to WebDataset tar shards in this folder ("" = off).
-    shards_dir: str = ""
-    # Image encoding inside the shards: "png" (lossless), "jpg" or "webp".
+class ShardsConfig:
+    # Caption groups kept as WebDataset tar shards: written by one run, read by a later one.
+    # Also write every caption group the producers make to shards in this folder ("" = off).
+    write_dir: str = ""
+    # Image encoding inside written shards: "png" (lossless), "jpg" or "webp".
     image_format: str = "png"
     # Encoder quality of jpg/webp images, 1-100 (png is lossless and ignores it).
     quality: int = 95
-    # Caption groups per shard file; the last shard of a run may hold fewer.
+    # Caption groups per written shard file; the last shard of a run may hold fewer.
     groups_per_shard: int = 1000
     # Groups waiting for the background writer at most; a producer that gets further ahead waits.
     queue_groups: int = 64
-
-
-@dataclass
-class ShardsConfig:
-    # With producer.kind=shards: a folder of .tar shards, or a glob of them (e.g. "dir/*.tar").
+    # With producer.kind=shards: the shards to read, a folder of .tar files or a glob of them
+    # (e.g. "dir/*.tar").
     path: str = ""
     # Skip (count and log) unreadable samples and the unreadable rest of a corrupt shard instead
     # of failing.
@@ -384,7 +382,6 @@ class Config:
     procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)

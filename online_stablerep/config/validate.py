@@ -234,18 +234,18 @@ def _validate_levers(cfg: Config) -> None:
 
 
 def _validate_shards(cfg: Config) -> None:
-    """Writing caption groups to shards (export.*) and training from them (shards.*)."""
-    x = cfg.export
-    _one_of(x.image_format, "export.image_format", IMAGE_FORMATS)
-    _require(1 <= x.quality <= 100, "export.quality", f"{x.quality} not in [1, 100]")
-    _require(x.groups_per_shard >= 1, "export.groups_per_shard", "must be >= 1")
-    _require(x.queue_groups >= 1, "export.queue_groups", "must be >= 1")
+    """Writing caption groups to shards (shards.write_dir) and training from them (shards.path)."""
+    x = cfg.shards
+    _one_of(x.image_format, "shards.image_format", IMAGE_FORMATS)
+    _require(1 <= x.quality <= 100, "shards.quality", f"{x.quality} not in [1, 100]")
+    _require(x.groups_per_shard >= 1, "shards.groups_per_shard", "must be >= 1")
+    _require(x.queue_groups >= 1, "shards.queue_groups", "must be >= 1")
     if cfg.producer.kind == "shards":
         _require(bool(cfg.shards.path), "shards.path",
                  "producer.kind=shards needs a folder or glob of .tar shards")
-        _require(not x.shards_dir, "export.shards_dir",
+        _require(not x.write_dir, "shards.write_dir",
                  "producer.kind=shards reads stored groups: writing them out again is not "
-                 "supported (leave export.shards_dir empty)")
+                 "supported (leave shards.write_dir empty)")
 
 
 def parse_generators(spec: str) -> tuple[int, bool]:

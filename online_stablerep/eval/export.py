@@ -33,7 +33,7 @@ def load_trained_model(cfg: Config, checkpoint: Path) -> StableRepModel:
     problem = ckpt.verify_checkpoint(Path(checkpoint))
     if problem is not None:
         raise ValueError(f"{checkpoint} is not a complete checkpoint: {problem}")
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     state = torch.load(Path(checkpoint) / "model.pt", map_location="cpu", weights_only=False)
     try:
         model.load_state_dict(state)

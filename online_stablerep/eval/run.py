@@ -28,7 +28,7 @@ def probe_model(cfg: Config, model: torch.nn.Module, device: torch.device) -> di
     encoders = {"trained": _encoder(model)}
     if cfg.eval.baselines:
         torch.manual_seed(cfg.seed + 1)
-        encoders["random_init"] = _encoder(build_model(cfg).to(device))
+        encoders["random_init"] = _encoder(build_model(cfg.model).to(device))
     with torch.no_grad():
         results = probe_encoders(cfg, encoders, device)
     path = Path(cfg.output_dir) / "probe.json"
@@ -53,7 +53,7 @@ def probe_checkpoint(cfg: Config, path: Path | None, device: torch.device) -> di
     path = path or ckpt.newest_checkpoint(cfg.output_dir)
     if path is None or not (Path(path) / "model.pt").is_file():
         raise ValueError(f"no complete checkpoint found at {path or cfg.output_dir}")
-    model = build_model(cfg).to(device)
+    model = build_model(cfg.model).to(device)
     model.load_state_dict(torch.load(Path(path) / "model.pt", map_location=device))
     console(f"probing checkpoint {path}")
     return probe_model(cfg, model, device)

@@ -129,7 +129,7 @@ def _check_shards(cfg: Config, producers: int) -> None:
     spec = cfg.shards.path
     files = shard_files(spec)
     _require(bool(files), f"shards.path={spec!r}: no .tar files there (give a folder of shards "
-             "written with export.shards_dir, or a glob like dir/*.tar)")
+             "written with shards.write_dir, or a glob like dir/*.tar)")
     _require(len(files) >= producers,
              f"shards.path={spec!r}: {len(files)} .tar files cannot be split across {producers} "
              "producers (each needs at least one): use fewer producer ranks or more shards")
@@ -207,8 +207,8 @@ def check_inputs(cfg: Config, world_size: int, local_world_size: int | None = No
     _check_writable_folder("output_dir", Path(cfg.output_dir))
     _check_backbone(cfg)
     producers = world_size if roles.colocated else roles.num_generators
-    if cfg.export.shards_dir:
-        _check_writable_folder("export.shards_dir", Path(cfg.export.shards_dir).expanduser())
+    if cfg.shards.write_dir:
+        _check_writable_folder("shards.write_dir", Path(cfg.shards.write_dir).expanduser())
     if cfg.producer.kind == "diffusion":
         _check_generator_model(cfg)
         _check_captions(cfg, producers)

@@ -119,7 +119,7 @@ def _trainer_source(
     trainers = roles.trainer_ranks
     real = RealImageStream(cfg.mix.real_path, cfg.mix.caption_template,
                            cfg.producer.output_size, trainers.index(rank), len(trainers), cfg.seed,
-                           skip_bad=cfg.mix.skip_bad_samples)
+                           skip_bad=cfg.mix.skip_bad_samples, rank=rank)
     if cfg.mix.prefetch_batches:
         from online_stablerep.training.real_prefetch import PrefetchedRealImages
 
@@ -235,7 +235,7 @@ def _failure(err: BaseException) -> tuple[str, str, bool]:
     """(reason, cause, traceback wanted): errors about input, the disk or a peer are reported in
     one line; a traceback is for bugs."""
     from online_stablerep.shards.format import ShardError
-    from online_stablerep.shards.writer import SpillError
+    from online_stablerep.shards.writer import ShardWriteError
     from online_stablerep.training.checkpoint import CheckpointError
     from online_stablerep.training.real_images import RealImageError
     from online_stablerep.training.trainer import NonFiniteLossError
@@ -249,7 +249,7 @@ def _failure(err: BaseException) -> tuple[str, str, bool]:
     described = describe_failure(err)
     if described.startswith(("connection closed", "stopped answering")):
         return f"{type(err).__name__}: {described}", "peer", False
-    clean = (ConfigError, CheckpointError, NonFiniteLossError, ShardError, SpillError,
+    clean = (ConfigError, CheckpointError, NonFiniteLossError, ShardError, ShardWriteError,
              RealImageError, SystemExit, KeyboardInterrupt)
     return text, "own", not isinstance(err, clean)
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from online_stablerep.config.schema import Config
+from online_stablerep.config.schema import ModelConfig
 from online_stablerep.models.head import ProjectionHead
 
 # CLIP's initial temperature 0.07, stored as a log so the optimiser can move it freely.
@@ -118,14 +118,13 @@ class StableRepModel(nn.Module):
         return outputs
 
 
-def build_model(cfg: Config, group: dist.ProcessGroup | None = None) -> StableRepModel:
-    """The model that cfg.model describes, with random weights.
+def build_model(m: ModelConfig, group: dist.ProcessGroup | None = None) -> StableRepModel:
+    """The model that the model section `m` describes, with random weights.
 
     Args:
-        cfg: the run config (model section used).
+        m: the config's model section.
         group: trainer data-parallel group the head's BatchNorm synchronises over.
     """
-    m = cfg.model
     backbone = build_backbone(m.backbone, m.image_size, m.drop_path_rate)
     head = ProjectionHead(backbone.num_features, m.head_hidden_dim, m.embed_dim, m.head, group)
     text_tower = None

@@ -210,7 +210,7 @@ def count_train_flops(cfg: Config, rows: int) -> float:
         raise ValueError(f"{rows} rows do not split into batch.views_per_caption={k} views")
     size = cfg.model.image_size
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg.model)
         images = torch.empty(rows, 3, size, size)
         with FlopCounterMode(display=False) as count:
             model(images, views_per_caption=k)["image_embed"].sum().backward()

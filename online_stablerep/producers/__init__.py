@@ -1,5 +1,5 @@
 """Producers of caption groups, by name: `procedural` (fractals, cheap), `diffusion` and
-`shards` (groups stored by an earlier run's `export.shards_dir`)."""
+`shards` (groups stored by an earlier run's `shards.write_dir`)."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def build_producer(cfg: Config, shard: int, num_shards: int, rank: int = 0,
         rank: Global rank recorded in the groups it makes.
         device: Where the diffusion model runs (None: the local GPU if any, else the CPU).
 
-    With `export.shards_dir` set, the producer is wrapped so that every group it makes is also
-    written to shards (producers/spill.py).
+    With `shards.write_dir` set, the producer is wrapped so that every group it makes is also
+    written to shards (producers/shard_writing.py).
     """
     if cfg.producer.kind not in PRODUCERS:
         raise ValueError(
@@ -65,12 +65,12 @@ def build_producer(cfg: Config, shard: int, num_shards: int, rank: int = 0,
     # The two keys of the trainer a producer obeys, handed over here, so no producer reads them.
     producer = PRODUCERS[cfg.producer.kind](cfg, shard, num_shards, rank, device,
                                             cfg.train.epochs, cfg.batch.views_per_caption)
-    x = cfg.export
-    if not x.shards_dir:
+    x = cfg.shards
+    if not x.write_dir:
         return producer
-    from online_stablerep.producers.spill import SpillingProducer
+    from online_stablerep.producers.shard_writing import ShardWritingProducer
     from online_stablerep.shards.writer import ShardWriter
 
-    writer = ShardWriter(x.shards_dir, rank, x.image_format, x.quality, x.groups_per_shard,
+    writer = ShardWriter(x.write_dir, rank, x.image_format, x.quality, x.groups_per_shard,
                          x.queue_groups)
-    return SpillingProducer(producer, writer)
+    return ShardWritingProducer(producer, writer)

@@ -86,8 +86,9 @@ class EpochStream(Generic[T]):
         raise NotImplementedError
 
     def _empty_epoch(self) -> Exception:
-        """The error of a whole epoch without one good item."""
-        raise NotImplementedError
+        """The error of a whole epoch without one good item (streams say what to do about it)."""
+        return ValueError(f"{self.what}: a whole epoch of this rank's share gave no item "
+                          f"({self.skipped} skipped)")
 
     @property
     def exhausted(self) -> bool:

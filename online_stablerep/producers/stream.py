@@ -51,7 +51,3 @@ class CaptionStream(EpochStream[tuple[int, int]]):
             order = np.arange(self.shard, self.num_items, self.num_shards)
         for position in range(start[0], len(order)):
             yield (position + 1,), (epoch, int(order[position]))
-
-    def _empty_epoch(self) -> Exception:
-        # Unreachable: every shard holds at least one id.
-        return ValueError(f"caption shard {self.shard} of {self.num_shards} is empty")

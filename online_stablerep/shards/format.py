@@ -26,7 +26,7 @@ from online_stablerep.records import CaptionGroup
 # PNG at zlib level 1: lossless at any level; level 6 (PIL's default) measured 2.2x slower to
 # encode for 16% smaller files (256 px renders), and encoding is the writer's main cost.
 _PNG_LEVEL = 1
-# PIL's names of the image formats export.image_format allows.
+# PIL's names of the image formats shards.image_format allows.
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 IMAGE_EXTENSIONS = tuple(_PIL_FORMATS)
 # Metadata every sample's json must hold.

@@ -15,7 +15,7 @@ recovery up: one that is missing, torn or does not match its shard's size is rep
 
 The producer hands groups over through a bounded queue (`put`); encoding and writing run in the
 thread, so only a writer slower than generation makes the producer wait. A write error stops the
-thread; the next `put` or `close` raises it as a SpillError naming the file.
+thread; the next `put` or `close` raises it as a ShardWriteError naming the file.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ WRITER_NICENESS = 10
 _POLL_S = 0.5
 
 
-class SpillError(RuntimeError):
+class ShardWriteError(RuntimeError):
     """Caption groups cannot be written to their shards; the message names the file."""
 
 
@@ -124,7 +124,7 @@ class ShardWriter:
         self._queued = 0
         self._next_index = 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_groups)
-        self._error: SpillError | None = None
+        self._error: ShardWriteError | None = None
         self._raised = False
         self._path: Path | None = None
         self._recover()
@@ -153,9 +153,9 @@ class ShardWriter:
                 if suffix == ".tmp":
                     self._salvage(path, self.directory / shard_name(self.rank, index))
         except ShardError as err:
-            raise SpillError(f"{err}: move it away from export.shards_dir") from None
+            raise ShardWriteError(f"{err}: move it away from shards.write_dir") from None
         except OSError as err:
-            raise SpillError(_describe(err, self.directory)) from None
+            raise ShardWriteError(_describe(err, self.directory)) from None
 
     def _salvage(self, tmp: Path, final: Path) -> None:
         samples = [(k, f) for k, f in iter_samples(tmp, complete_only=True) if k not in self.keys]
@@ -187,7 +187,7 @@ class ShardWriter:
         Waits while the queue is full, checking the thread's health.
 
         Raises:
-            SpillError: the writer failed (names the file).
+            ShardWriteError: the writer failed (names the file).
         """
         key = sample_key(group.epoch, group.caption_id)
         if key in self.keys:
@@ -207,7 +207,7 @@ class ShardWriter:
         """Write what is queued, complete the last shard and stop the thread.
 
         Raises:
-            SpillError: the writer failed and this was not reported yet.
+            ShardWriteError: the writer failed and this was not reported yet.
         """
         if self._thread.is_alive():
             while self._error is None:
@@ -248,7 +248,7 @@ class ShardWriter:
             if file is not None:
                 self._finish(file, tar, keys)
         except BaseException as err:
-            self._error = SpillError(_describe(err, self._path or self.directory))
+            self._error = ShardWriteError(_describe(err, self._path or self.directory))
             if file is not None:
                 # Closing flushes the torn sample's buffered bytes, which fails the same way.
                 with contextlib.suppress(OSError):

@@ -79,7 +79,7 @@ class ImageFolderSource:
 
 
 def shard_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of each sample of one tar (the spill's reader: WebDataset's
+    """(key, {extension: bytes}) of each sample of one tar (the shard writer's reader: WebDataset's
     grouping of members by key)."""
     try:
         yield from iter_samples(path)

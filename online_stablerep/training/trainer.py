@@ -118,7 +118,7 @@ class Trainer:
         # then each rank's own random streams (drop path and the like) from seed + rank, as
         # the official code seeds them.
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, group=self.group if self.world > 1 else None)
+        model = build_model(cfg.model, group=self.group if self.world > 1 else None)
         torch.manual_seed(cfg.seed + self.rank)
         self.loss_fn = StableRepLoss(cfg.loss, group=self.group if self.world > 1 else None)
         self.augment = DeviceAugment(cfg.augment, cfg.model.image_size)

@@ -1,14 +1,14 @@
 """A producer decorator that also writes every group it makes to WebDataset shards
-(`export.shards_dir`), on colocated trainers and generator ranks alike.
+(`shards.write_dir`), on colocated trainers and generator ranks alike.
 
 The cursor it reports covers only what is safely on disk. Groups still queued for the writer
 when a checkpoint records the cursor would otherwise be lost by a crash: the cursor says they
 were made, so a resumed producer never makes them again. So `state_dict()` holds the wrapped
-producer's cursor (what the trainer has received: unchanged meaning) plus `spill`: the cursor
+producer's cursor (what the trainer has received: unchanged meaning) plus `unwritten`: the cursor
 before the oldest call whose groups are not all written, and how many calls followed it. On
 resume the wrapper first replays those calls, writing the groups the shards lack (the rest are
 skipped by key) and handing none of them out, which lands it exactly at the saved cursor. A
-replay is bounded by the writer's queue (`export.queue_groups`). In hybrid mode this state
+replay is bounded by the writer's queue (`shards.queue_groups`). In hybrid mode this state
 travels in the generator's cursor records and is saved in the trainers' checkpoints, so the
 same holds there.
 """
@@ -21,10 +21,10 @@ from typing import Any
 from online_stablerep.monitoring.metrics import console
 from online_stablerep.producers.base import Producer
 from online_stablerep.records import CaptionGroup
-from online_stablerep.shards.writer import ShardWriter, SpillError
+from online_stablerep.shards.writer import ShardWriteError, ShardWriter
 
 
-class SpillingProducer:
+class ShardWritingProducer:
     """Makes groups with `inner` and queues each one for `writer`."""
 
     def __init__(self, inner: Producer, writer: ShardWriter) -> None:
@@ -39,7 +39,7 @@ class SpillingProducer:
         if writer.keys:
             console(f"shards in {writer.directory}: {len(writer.keys)} groups of rank "
                     f"{writer.rank} already written ({writer.recovered} recovered from an "
-                    "unfinished shard); those are not written again", role="spill", rank=writer.rank)
+                    "unfinished shard); those are not written again", role="shards", rank=writer.rank)
 
     def start(self) -> None:
         self.inner.start()
@@ -65,7 +65,7 @@ class SpillingProducer:
         """The wrapped producer's next groups, each queued for writing.
 
         Raises:
-            SpillError: the writer failed (a full disk, a bad folder), naming the file.
+            ShardWriteError: the writer failed (a full disk, a bad folder), naming the file.
         """
         self.writer.check()
         if self._replay is not None:
@@ -73,7 +73,7 @@ class SpillingProducer:
             for _ in range(calls):
                 self._make()
             if self.inner.state_dict() != target:
-                raise SpillError(
+                raise ShardWriteError(
                     f"replaying {calls} producer calls to rewrite groups missing from "
                     f"{self.writer.directory} did not reach the saved cursor: the producer is "
                     "not deterministic, or its config changed since the checkpoint")
@@ -83,22 +83,25 @@ class SpillingProducer:
     def state_dict(self) -> dict[str, Any]:
         if self._replay is not None:
             calls, target = self._replay
-            return {**target, "spill": {"replay_from": self.inner.state_dict(), "calls": calls}}
+            return {**target, "unwritten": {"replay_from": self.inner.state_dict(),
+                                            "calls": calls}}
         self._forget_written()
-        spill = {"replay_from": self._calls[0][0], "calls": len(self._calls)} if self._calls else None
-        return {**self.inner.state_dict(), "spill": spill}
+        unwritten = ({"replay_from": self._calls[0][0], "calls": len(self._calls)} if self._calls
+                     else None)
+        return {**self.inner.state_dict(), "unwritten": unwritten}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the cursor; a cursor saved without spilling (no `spill`) is taken as is."""
-        target = {key: value for key, value in state.items() if key != "spill"}
-        spill = state.get("spill")
+        """Restore the cursor; a cursor saved without writing shards (no `unwritten`) is taken
+        as is. Checkpoints written before the rename name `unwritten` "spill"."""
+        target = {key: value for key, value in state.items() if key not in ("unwritten", "spill")}
+        unwritten = state.get("unwritten", state.get("spill"))
         self._calls.clear()
-        if spill is None:
+        if unwritten is None:
             self.inner.load_state_dict(target)
             self._replay = None
         else:
-            self.inner.load_state_dict(spill["replay_from"])
-            self._replay = (int(spill["calls"]), target)
+            self.inner.load_state_dict(unwritten["replay_from"])
+            self._replay = (int(unwritten["calls"]), target)
 
     def close(self) -> None:
         """Close the wrapped producer, then write what is queued and complete the last shard."""
