@@ -100,6 +100,7 @@ def _groups(producer, calls: int) -> dict[tuple[int, int], torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_group_is_the_same_alone_in_a_batch_on_any_shard_and_after_resume(tmp_path):
     cfg = _cfg(tmp_path)
     batched = build_producer(cfg, shard=0, num_shards=1, device="cpu")
@@ -130,6 +131,7 @@ def test_group_is_the_same_alone_in_a_batch_on_any_shard_and_after_resume(tmp_pa
         producer.close()
 
 
+@pytest.mark.slow
 def test_every_epoch_makes_new_images_and_resume_remakes_them(tmp_path):
     # Two captions, one call per epoch: epoch 1 must not repeat epoch 0's images, and a
     # producer resumed at epoch 1 remakes epoch 1's groups exactly.
@@ -193,6 +195,7 @@ def test_tiny_autoencoder_from_a_folder_decodes_groups(tmp_path):
         build_components(dataclasses.replace(cfg, tiny_vae=str(tmp_path / "missing")), "cpu")
 
 
+@pytest.mark.slow
 def test_compiled_producer_pads_the_last_call_and_matches_eager(tmp_path):
     # 5 captions, 2 a call, one epoch: calls of 2, 2 and 1 (padded to 2 for the fixed shapes).
     cfg = _cfg(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -39,6 +40,7 @@ def test_full_path_equals_the_unet_and_cached_path_is_cheaper():
     assert cached_count.get_total_flops() < 0.8 * full_count.get_total_flops()
 
 
+@pytest.mark.slow
 def test_every_one_is_no_cache_and_every_two_stays_close():
     plain = GeneratorConfig(model="tiny", dtype="fp32", steps=6)
     cached = dataclasses.replace(plain, deep_cache_every=2)

@@ -212,6 +212,7 @@ def test_training_job_logs_the_real_share_and_resumes_exactly(tmp_path):
     assert acc.Scalars("mix/real_share")[-1].value == pytest.approx(0.25)
 
 
+@pytest.mark.slow
 def test_a_bad_real_image_met_mid_run_stops_with_one_line_naming_it(tmp_path):
     """The start-up check decodes only the first image of each share; a bad one met later (on
     the prefetching thread) ends the job with the file named and no traceback (input, not a

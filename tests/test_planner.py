@@ -93,6 +93,7 @@ def run_plan(capsys, *argv):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_cli_estimates_from_flops_and_says_so(capsys):
     code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "--gpus", "8")
     assert code == 0
@@ -197,6 +198,7 @@ def test_flop_model_counts_each_recipe_lever():
     assert paper / fast > 8
 
 
+@pytest.mark.slow
 def test_cli_plans_with_a_recipe(capsys):
     code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "--gpus", "8", "--recipe", "fast")
     assert code == 0 and "recipe fast, 4 steps, guidance 2.0 on 1, tiny VAE" in out
@@ -208,6 +210,7 @@ def test_cli_plans_with_a_recipe(capsys):
     assert "recipe paper" in out and "INFEASIBLE" in out
 
 
+@pytest.mark.slow
 def test_cli_reads_recipe_rows_of_generator_results(capsys, tmp_path):
     generator = tmp_path / "generator-x.json"
     generator.write_text(json.dumps({

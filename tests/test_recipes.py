@@ -119,6 +119,7 @@ def test_unloadable_adapter_fails_at_start_naming_the_key(tmp_path, artefacts):
 
 # --- levers against their references ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_fused_lora_matches_the_pipeline_with_the_adapter_loaded(artefacts):
     ours = _ours(_tiny(lora=artefacts["lora"]))
     plain = build_components(_tiny(), "cpu")
@@ -131,6 +132,7 @@ def test_fused_lora_matches_the_pipeline_with_the_adapter_loaded(artefacts):
 
 # LCM re-noises between steps from its generators (ours: one per image; the pipeline's: its
 # own), so the LCM comparison takes one step, where no noise is added.
+@pytest.mark.slow
 @pytest.mark.parametrize("which, scheduler, steps", [("unet", "dpm++", 3), ("lcm_unet", "lcm", 1)])
 def test_distilled_unet_matches_the_pipeline_with_that_unet(artefacts, which, scheduler, steps):
     cfg = dataclasses.replace(_tiny(unet=artefacts[which], scheduler=scheduler), steps=steps)
@@ -141,6 +143,7 @@ def test_distilled_unet_matches_the_pipeline_with_that_unet(artefacts, which, sc
     assert _max_diff(ours, stock) <= 1
 
 
+@pytest.mark.slow
 def test_base_steps_hand_over_from_base_model_to_distilled(artefacts):
     distilled = _tiny(lora=artefacts["lora"], scheduler="lcm")
     only_distilled = _ours(distilled)
