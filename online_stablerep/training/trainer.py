@@ -95,6 +95,9 @@ class Trainer:
         compare: Callable[[dict[str, float]], str] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
+        if cfg.train.steps < 1:
+            raise ValueError("train.steps=0: resolve the schedule from the corpus first "
+                             "(config/schedule.py, as jobs/train.py does)")
         self.cfg = cfg
         # Set by SIGTERM/SIGINT: every trainer rank stops at the next step, with a checkpoint.
         self.stop = stop
