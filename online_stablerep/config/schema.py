@@ -30,6 +30,12 @@ class ModelConfig:
     text_heads: int = 8
     # Maximum number of text tokens (CLIP's 77).
     text_context_length: int = 77
+    # MLP activation of the text tower: "quick_gelu" (the official StableRepMM's and CLIP's,
+    # x * sigmoid(1.702 x)) or "gelu".
+    text_activation: str = "quick_gelu"
+    # Width of StableRep++'s image-text space: the bias-free linear image and text projections
+    # map to it (official 512; the multi-positive term keeps model.embed_dim).
+    image_text_dim: int = 512
 
 
 @dataclass

@@ -62,6 +62,8 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
     _require(m.text_heads >= 1 and m.text_width % m.text_heads == 0, "model.text_width",
              f"{m.text_width} is not a multiple of model.text_heads={m.text_heads}")
+    _one_of(m.text_activation, "model.text_activation", ("quick_gelu", "gelu"))
+    _require(m.image_text_dim > 0, "model.image_text_dim", "must be positive")
     _require(cfg.loss.temperature > 0, "loss.temperature", f"must be > 0, got {cfg.loss.temperature}")
     _require(cfg.loss.image_weight >= 0, "loss.image_weight", "must be >= 0")
     _require(cfg.loss.text_weight >= 0, "loss.text_weight", "must be >= 0")
