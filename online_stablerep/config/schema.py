@@ -135,7 +135,9 @@ class TrainConfig:
     # End this run after this many steps, checkpointing there (0 = run to train.steps); the
     # schedule still spans train.steps, so a time-limited allocation resumes seamlessly.
     stop_after: int = 0
-    # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32".
+    # "auto" (bf16 on GPU, fp32 on CPU), "bf16" (DeepSpeed bf16: bf16 weights and gradients,
+    # fp32 master weights), "autocast_bf16" (as the official code: fp32 weights and gradients,
+    # forward under bf16 autocast) or "fp32" (docs/paper-parity.md).
     precision: str = "auto"
     # DeepSpeed ZeRO stage (0 or 1).
     zero_stage: int = 0

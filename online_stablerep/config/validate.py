@@ -112,7 +112,7 @@ def validate(cfg: Config) -> None:
              f"{t.warmup_epochs} not in [0, train.schedule_epochs={t.schedule_epochs}]")
     _require(t.epochs >= 0, "train.epochs", "must be >= 0")
     _require(t.stop_after >= 0, "train.stop_after", "must be >= 0")
-    _one_of(t.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _one_of(t.precision, "train.precision", ("auto", "bf16", "autocast_bf16", "fp32"))
     _one_of(t.zero_stage, "train.zero_stage", (0, 1))
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
