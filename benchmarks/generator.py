@@ -4,15 +4,17 @@ lever beside the stock diffusers pipeline, in the same run.
     python benchmarks/generator.py                  # CPU: tiny architecture, ~6 minutes
     python benchmarks/generator.py --device cuda    # sd15 at 512, bf16: every recipe, ~5 min
     python benchmarks/generator.py --model toy      # any model (e.g. a trained one): diversity
-    python benchmarks/generator.py --scenarios stock,paper,fast
+    python benchmarks/generator.py --scenarios stock,paper,dpm20,fast
 
 Scenarios (dataclasses below) are built once; then every timed round runs each scenario once
 (device synchronised), so all of them share whatever load the machine has and their ratios
 hold when absolute times drift. The first call of each scenario is its warm-up (compile
 included, reported as `first_call_s`). `stock` is diffusers' StableDiffusionPipeline at the
-paper's settings (DPM-Solver++ 20 steps, guidance 2, full VAE, eager): lever rows change one
-thing from those settings, so `speedup_vs_stock` is their ratio at equal settings; recipe rows
-report it too, with `speedup_vs_paper` the ratio to the `paper` recipe.
+`dpm20` recipe's settings (DPM-Solver++ 20 steps, guidance 2, full VAE, eager): lever rows change
+one thing from those settings, so `speedup_vs_stock` is their ratio at equal settings; recipe
+rows report it too, with `speedup_vs_paper` the ratio to the `paper` recipe (the official DDIM
+50 steps). `stock_ddim50` is the stock pipeline at the paper's sampler: the `paper` recipe's
+`speedup_vs_stock_same_sampler` is its ratio to that row (dpm20's to `stock`).
 
 Adapters, distilled UNets and tiny VAEs are random-weight artefacts of the model's own
 architecture (artefacts.py), saved and loaded through the diffusers paths a released one takes
@@ -86,10 +88,10 @@ class Scenario:
 
     # Row name.
     name: str
-    # "stock" (diffusers' pipeline), "lever" (one change from the paper's eager settings) or
+    # "stock" (diffusers' pipeline), "lever" (one change from dpm20's eager settings) or
     # "recipe" (a named recipe, its levers as config/recipes.py sets them).
     kind: str
-    # generator.* keys on top of the paper's settings (lever) or of the recipe (recipe).
+    # generator.* keys on top of dpm20's eager settings (stock, lever) or of the recipe.
     levers: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Recipe name for kind "recipe".
     recipe: str = ""
@@ -99,8 +101,10 @@ class Scenario:
 
 SCENARIOS: list[Scenario] = [
     Scenario("stock", "stock"),
+    Scenario("stock_ddim50", "stock", {"scheduler": "ddim", "steps": 50}),
     Scenario("ours", "lever"),
     Scenario("paper", "recipe", recipe="paper"),
+    Scenario("dpm20", "recipe", recipe="dpm20"),
     Scenario("fast", "recipe", recipe="fast"),
     Scenario("turbo", "recipe", recipe="turbo"),
     Scenario("fuse_qkv", "lever", {"fuse_qkv": True}),
@@ -116,17 +120,20 @@ SCENARIOS: list[Scenario] = [
     # Measured 0.89x of contiguous on an H100 (generator-levers-nvidia-h100-80gb-hbm3.json).
     Scenario("channels_last", "lever", {"channels_last": True}, cuda_only=True),
     Scenario("paper_eager", "recipe", {"compile": False}, recipe="paper"),
+    Scenario("dpm20_eager", "recipe", {"compile": False}, recipe="dpm20"),
     Scenario("fast_eager", "recipe", {"compile": False}, recipe="fast"),
 ]
-# What --device cuda runs unless --scenarios says otherwise: every recipe and the levers whose
-# compile warm-ups fit the ~5 minutes a GPU session gives this script.
-CUDA_DEFAULT = ["stock", "ours", "paper", "fast", "turbo", "fuse_qkv", "tiny_vae",
-                "guidance_first_half", "deep_cache_2", "deep_cache_3", "fast_eager"]
+# What --device cuda runs unless --scenarios says otherwise, most valuable first (rows are
+# written as each is built, so a time limit cuts the tail): every recipe beside the stock
+# pipeline at both samplers, then the levers whose warm-ups fit the ~5 minutes a GPU session
+# gives this script.
+CUDA_DEFAULT = ["stock", "paper", "dpm20", "stock_ddim50", "fast", "turbo", "ours", "fuse_qkv",
+                "tiny_vae", "guidance_first_half", "deep_cache_2"]
 
 
 def scenario_config(s: Scenario, base: GeneratorConfig, artefacts: dict[str, str]) -> GeneratorConfig:
     """The generator config of scenario `s`: recipe levers (with the adapter and tiny VAE made
-    for this model in place of the hub ids) or one lever on the paper's eager settings."""
+    for this model in place of the hub ids) or one lever on dpm20's eager settings."""
     levers = dict(recipe_levers(s.recipe)) if s.kind == "recipe" else {}
     if levers.get("lora"):
         levers.update(lora=artefacts["lora"], lora_weight_name="")
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if "stock" not in names:
         parser.error("--scenarios must include stock (every ratio is to it)")
 
-    # 1. The paper's eager settings, random-weight artefacts of this model, the prompts.
+    # 1. dpm20's eager settings, random-weight artefacts of this model, the prompts.
     base = GeneratorConfig(model=model, resolution=d["resolution"], dtype=d["dtype"],
                            scheduler="dpm++", steps=20, guidance=str(GUIDANCE),
                            vae_decode_chunk=8)
@@ -325,11 +332,16 @@ def _write(rows: dict[str, dict[str, Any]], seconds: dict[str, list[float]], ima
                                          if flops and limit else None)
     stock = rows["stock"]["images_per_s"]
     paper = rows["paper"]["images_per_s"] if "paper" in rows else None
+    stock_by_sampler = {(row["scheduler"], row["steps"]): row["images_per_s"]
+                        for row in rows.values() if row["kind"] == "stock"}
     for row in rows.values():
         row["speedup_vs_stock"] = row["images_per_s"] / stock
         row["speedup_vs_paper"] = row["images_per_s"] / paper if paper else None
+        same = stock_by_sampler.get((row["scheduler"], row["steps"]))
+        row["speedup_vs_stock_same_sampler"] = row["images_per_s"] / same if same else None
     recipes = {row["recipe"]: {key: row[key] for key in (
-        "images_per_s", "speedup_vs_stock", "speedup_vs_paper", "fraction_of_flop_limit",
+        "images_per_s", "speedup_vs_stock", "speedup_vs_paper", "speedup_vs_stock_same_sampler",
+        "fraction_of_flop_limit",
         "flops_per_image", "diversity", "steps")}
         for row in rows.values() if row["kind"] == "recipe" and row["compile"]
         and row["recipe"] in RECIPES}

@@ -23,10 +23,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, go on what
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 python3 -c "import torch, diffusers, deepspeed, timm, peft; print(torch.__version__, diffusers.__version__, deepspeed.__version__, timm.__version__, peft.__version__)" 2>&1 | tail -1 | tee -a "$log"
-# Most valuable first. Every recipe (paper, fast, turbo, compiled with CUDA graphs) and each
-# lever beside the stock pipeline, SD1.5 architecture at 512 px, bf16, random-weight LoRA and
-# TAESD of the right shapes; rows are written after each scenario's warm-up and each round, so
-# a timeout still leaves what was measured. About 5 minutes (compile warm-ups included).
+# Most valuable first. Every recipe compiled with CUDA graphs (paper = the official DDIM 50
+# steps, dpm20 = 20 DPM-Solver++ steps, fast, turbo) beside the stock pipeline at both samplers
+# (stock: DPM-Solver++ 20, stock_ddim50: DDIM 50), then the levers; SD1.5 architecture at 512
+# px, bf16, random-weight LoRA and TAESD of the right shapes; rows are written after each
+# scenario's warm-up and each round, so a timeout still leaves what was measured (paper, dpm20
+# and both stock rows first). About 5 minutes (compile warm-ups included).
 step generator "${GEN_S:-330}" python3 benchmarks/generator.py --device cuda
 step trainer "${TRAIN_S:-90}" python3 benchmarks/trainer.py --device cuda
 # The hybrid job on one GPU: rank 0 trains, rank 1 generates (both on cuda:0, NCCL trainer

@@ -8,7 +8,7 @@ inputs.
 job's create_groups (K/node layout over two "nodes") and counts each rank's open sockets; and
 runs benchmarks/transport.py briefly at 256 px and at 8 px (the per-message cost without the
 payload). The model then computes, for 125 nodes x 8 GPUs and the `plan` recommendation's best
-split with dedicated generators for the `fast` and `paper` recipes: gloo connections per rank,
+split with dedicated generators for the `fast` and `dpm20` recipes: gloo connections per rank,
 credits in flight, bytes per second per link and per node, the receiving trainer's CPU time per
 group and per second, group creation time, and what breaks first. Writes
 benchmarks/results/scale_model.{json,md}.
@@ -39,7 +39,7 @@ LAYOUT = {"nodes": 125, "gpus_per_node": 8, "m": 10, "n": 43, "k": 6,
           "groups_per_message": 4}
 RECIPES = {  # gen images/s per GPU, trainer views/s per GPU, best split with dedicated gens
     "fast": {"gen": 71.32, "train": 2349.0, "gen_per_node": 7, "capacity": 688},
-    "paper": {"gen": 8.563, "train": 2349.0, "gen_per_node": 7, "capacity": 774},
+    "dpm20": {"gen": 8.563, "train": 2349.0, "gen_per_node": 7, "capacity": 774},
 }
 
 

@@ -122,7 +122,7 @@ def plain_loop(cfg: Config, batch: TrainBatch, device: torch.device) -> Callable
     from online_stablerep.models.encoder import build_model
     from online_stablerep.training.augment import DeviceAugment
     from online_stablerep.training.schedule import param_groups
-    from online_stablerep.training.trainer import peak_lr, use_bf16
+    from online_stablerep.training.trainer import peak_lr, use_autocast, use_bf16
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device).train()
@@ -134,7 +134,7 @@ def plain_loop(cfg: Config, batch: TrainBatch, device: torch.device) -> Callable
                                   betas=(o.beta1, o.beta2), fused=o.fused)
     if cfg.train.compile:
         model.compile()
-    bf16 = use_bf16(cfg, device)
+    bf16 = use_bf16(cfg, device) or use_autocast(cfg)
     k = batch.views_per_caption
 
     def step() -> None:
@@ -200,7 +200,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, default=None, help="side of the stored images")
     parser.add_argument("--captions", type=int, default=None, help="n: caption groups per batch")
     parser.add_argument("--views", type=int, default=None, help="k: views per caption group")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--precision", default="auto",
+                        choices=["auto", "bf16", "autocast_bf16", "fp32"])
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) in (None, -1):
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from online_stablerep.distributed.groups import create_groups, init_with_deepspeed
     from online_stablerep.distributed.roles import Roles
     from online_stablerep.jobs.train import single_process_env
-    from online_stablerep.training.trainer import use_bf16
+    from online_stablerep.training.trainer import use_autocast, use_bf16
 
     # 1. A world of one rank, set up exactly as the training job does it.
     single_process_env()
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                         "backbone": backbone, "engine": engine, "image_size": args.image_size,
                         "input_size": args.input_size, "captions": args.captions,
                         "views": args.views, "rows": rows_per_step,
-                        "precision": "bf16" if use_bf16(cfg, device) else "fp32",
+                        "precision": ("bf16" if use_bf16(cfg, device) else "autocast_bf16"
+                                      if use_autocast(cfg) else "fp32"),
                         **timing.fields("step_s"), **timing.rates(rows_per_step, "images_per_s"),
                         "flops_per_step": step_flops, "tflops_per_s": achieved / 1e12,
                         "mfu": achieved / peak if peak else None,

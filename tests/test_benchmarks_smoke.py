@@ -66,14 +66,16 @@ def test_generator_benchmark_writes_recipe_and_lever_rows(tmp_path):
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "generator.py"), "--scenarios",
-         "stock,ours,fast_eager,deep_cache_2", "--warmup", "0", "--reps", "1",
+         "stock,stock_ddim50,ours,paper_eager,dpm20_eager,fast_eager,deep_cache_2",
+         "--warmup", "0", "--reps", "1",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     document = json.loads(next(tmp_path.glob("generator-*.json")).read_text())
     rows = {row["scenario"]: row for row in document["rows"]}
-    assert set(rows) == {"stock", "ours", "fast_eager", "deep_cache_2"}
+    assert set(rows) == {"stock", "stock_ddim50", "ours", "paper_eager", "dpm20_eager",
+                         "fast_eager", "deep_cache_2"}
     for row in rows.values():
         assert row["images_per_s"] > 0 and 0 < row["fraction_of_flop_limit"] < 1
         assert row["repetitions"] == 1 and row["diversity"] >= 0
@@ -83,6 +85,13 @@ def test_generator_benchmark_writes_recipe_and_lever_rows(tmp_path):
         "fast", 4, 1, 1)
     assert fast["flops_per_image"] < rows["ours"]["flops_per_image"] / 5
     assert document["summary"]["levers"].keys() == {"ours", "deep_cache_2"}
+    # The paper recipe is DDIM 50 and is compared with the stock pipeline at the same sampler.
+    paper, dpm20 = rows["paper_eager"], rows["dpm20_eager"]
+    assert (paper["scheduler"], paper["steps"], dpm20["scheduler"], dpm20["steps"]) == (
+        "ddim", 50, "dpm++", 20)
+    assert paper["speedup_vs_stock_same_sampler"] == pytest.approx(
+        paper["images_per_s"] / rows["stock_ddim50"]["images_per_s"])
+    assert paper["flops_per_image"] > 2 * dpm20["flops_per_image"]
     assert next(tmp_path.glob("generator-*.png")).stat().st_size > 0
 
 

@@ -14,7 +14,7 @@ def test_presets_load(name):
     assert name in preset_names()
 
 
-def test_paper_recipe():
+def test_paper_preset():
     cfg = load_config("sd15_vitb16")
     assert cfg.model.backbone == "vit_base_patch16_224" and cfg.model.image_size == 224
     assert cfg.loss.temperature == 0.1

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from open_clip.transformer import QuickGELU
 from torch import nn
 
 from online_stablerep.config.schema import Config, LossConfig, ModelConfig
@@ -24,7 +25,7 @@ def tiny_config(backbone: str, head: str, text_tower: bool = False) -> Config:
         model=ModelConfig(
             backbone=backbone, image_size=SIZE, head=head, head_hidden_dim=32, embed_dim=16,
             drop_path_rate=0.1, text_tower=text_tower, text_width=32, text_layers=1,
-            text_heads=2, text_context_length=12,
+            text_heads=2, text_context_length=12, image_text_dim=24,
         )
     )
 
@@ -62,7 +63,7 @@ def test_text_tower_outputs_and_logit_scale() -> None:
     captions = ["a red fox", "two boats on a lake", "a bowl of ramen"]
     tokens = tokenize(captions, 12)
     outputs = model(torch.randn(N_CAPTIONS * K, 3, SIZE, SIZE), K, tokens)
-    assert outputs["text_embed"].shape == (N_CAPTIONS, 16)
+    assert outputs["text_embed"].shape == (N_CAPTIONS, 24)
     assert outputs["logit_scale"].item() == pytest.approx(math.log(1 / 0.07))
     assert LOGIT_SCALE_INIT == pytest.approx(math.log(1 / 0.07))
     outputs["text_embed"].sum().backward()
@@ -78,8 +79,8 @@ def test_image_text_term_uses_its_own_linear_projection_of_the_backbone() -> Non
     outputs = model(images, K, tokenize(["a", "b", "c"], 12))
     features = model.encode_image(images)
     torch.testing.assert_close(outputs["image_text_embed"], features @ model.image_projection.weight.T)
-    assert outputs["image_text_embed"].shape == (N_CAPTIONS * K, 16)
-    assert not torch.allclose(outputs["image_text_embed"], outputs["image_embed"])
+    assert outputs["image_text_embed"].shape == (N_CAPTIONS * K, 24)
+    assert outputs["image_embed"].shape == (N_CAPTIONS * K, 16)  # the head's own space
     # The image-text loss reaches the projection and the backbone, not the head.
     loss = StableRepLoss(LossConfig(image_weight=0.0, text_weight=1.0))(
         outputs, torch.tensor([5, 6, 7] * K))["loss"]
@@ -103,6 +104,29 @@ def test_logit_scale_keeps_its_gradient_at_the_bound_and_is_clamped_after_the_st
         model.logit_scale.fill_(-1.0)
     model.clamp_logit_scale()
     assert model.logit_scale.item() == 0.0
+
+
+def test_stablerep_pp_defaults_are_the_official_text_tower_and_projections() -> None:
+    # StableRepMM (vit_base): 12 layers of width 512, 8 heads, QuickGELU, projections to 512.
+    m = ModelConfig()
+    assert (m.text_layers, m.text_width, m.text_heads, m.text_activation, m.image_text_dim) == (
+        12, 512, 8, "quick_gelu", 512)
+    assert m.embed_dim == 256  # the multi-positive head's output, a separate space
+
+
+@pytest.mark.parametrize("activation, expected", [("quick_gelu", QuickGELU), ("gelu", nn.GELU)])
+def test_text_tower_activation_is_configurable(activation: str, expected: type) -> None:
+    cfg = tiny_config("resnet10t", "mlp_bn", text_tower=True)
+    cfg.model.text_activation = activation
+    model = build_model(cfg)
+    acts = [type(block.mlp.gelu) for block in model.text_tower.transformer.resblocks]
+    assert acts == [expected] * cfg.model.text_layers
+    # QuickGELU is CLIP's x * sigmoid(1.702 x), not the exact GELU.
+    x = torch.linspace(-3, 3, 7)
+    torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    assert not torch.allclose(QuickGELU()(x), nn.GELU()(x), atol=1e-3)
+    assert model.text_tower.text_projection.shape == (32, 24)
+    assert model.image_projection.weight.shape == (24, 512) and model.image_projection.bias is None
 
 
 def test_text_tokens_without_tower_raise() -> None:

@@ -97,7 +97,7 @@ def run_plan(capsys, *argv):
 def test_cli_estimates_from_flops_and_says_so(capsys):
     code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "--gpus", "8")
     assert code == 0
-    assert "ESTIMATED: 34.6 TFLOP/image" in out and "figures are ESTIMATED" in out
+    assert "ESTIMATED: 82.8 TFLOP/image" in out and "figures are ESTIMATED" in out  # DDIM-50
     overrides = out.split("overrides: ")[1].splitlines()[0].split()
     cfg = load_config("sd15_vitb16", overrides)
     assert cfg.replay.max_reuse >= 1 and cfg.replay.capacity >= cfg.batch.captions_per_batch
@@ -230,3 +230,34 @@ def test_cli_reads_recipe_rows_of_generator_results(capsys, tmp_path):
     code, _, err = run_plan(capsys, "--config", "sd15_vitb16", "generator.model=sd15",
                             "--recipe", "turbo", "--from-results", str(generator))
     assert code == 2 and "no row for generator.recipe='turbo'" in err
+
+
+def test_paper_recipe_costs_fifty_guided_steps():
+    from online_stablerep.planning.flops import generator_flops_per_image
+
+    counted = count_diffusion_flops("sd15", 512)
+    paper = generator_flops_per_image(load_config("sd15_vitb16"))
+    assert paper == flops_per_generated_image(counted, 50, [2.0], 10)
+    assert paper == pytest.approx(100 * counted.unet_forward + counted.vae_decode, rel=0.001)
+    assert paper == pytest.approx(82.8e12, rel=0.01)
+    dpm20 = generator_flops_per_image(load_config("sd15_vitb16", ["generator.recipe=dpm20"]))
+    assert paper / dpm20 == pytest.approx(2.39, abs=0.01)
+
+
+def test_cli_refuses_a_paper_row_of_another_sampler(capsys, tmp_path):
+    # Results files written before `paper` became DDIM-50 hold DPM-Solver++ "paper" rows.
+    generator = tmp_path / "generator-x.json"
+    rows = [{"scenario": "paper", "kind": "recipe", "recipe": "paper", "compile": True,
+             "scheduler": "dpm++", "steps": steps, "images_per_s": 9.0} for steps in (20, 50)]
+    for row in rows:
+        generator.write_text(json.dumps({"machine": "gpu-x", "settings": {"model": "sd15"},
+                                         "rows": [row]}))
+        code, _, err = run_plan(capsys, "--config", "sd15_vitb16", "generator.model=sd15",
+                                "--from-results", str(generator))
+        assert code == 2 and ("measured steps=20" in err or "measured scheduler='dpm++'" in err)
+    row = dict(rows[1], scheduler="ddim")
+    generator.write_text(json.dumps({"machine": "gpu-x", "settings": {"model": "sd15"},
+                                     "rows": [row]}))
+    code, out, _ = run_plan(capsys, "--config", "sd15_vitb16", "generator.model=sd15",
+                            "--from-results", str(generator))
+    assert code == 0 and "generator: 9 images/s per GPU  [measured" in out

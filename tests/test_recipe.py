@@ -1,4 +1,4 @@
-"""The paper's recipe: the official learning-rate rule, weight decay groups and the
+"""The paper's training preset: the official learning-rate rule, weight decay groups and the
 sd15_vitb16 preset against the official README's command."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_sd15_preset_follows_the_official_command() -> None:
     cfg = load_config("sd15_vitb16")
     assert cfg.model.drop_path_rate == 0.0
     assert cfg.augment.downsample_p == 0.05 and list(cfg.augment.downsample_sizes) == [64, 128]
-    assert cfg.optim.warmup_steps == round(cfg.train.steps / 15 * 0.5)
+    assert (cfg.train.schedule_epochs, cfg.train.warmup_epochs) == (15, 0.5)
     assert cfg.optim.weight_decay == 0.1 and (cfg.optim.beta1, cfg.optim.beta2) == (0.9, 0.98)
 
 

@@ -16,7 +16,12 @@ from online_stablerep.config.schema import GeneratorConfig
 from online_stablerep.producers import build_producer
 from online_stablerep.producers.artefacts import save_random_lora, save_random_tiny_vae
 from online_stablerep.producers.pipeline import build_components, stock_pipeline
-from online_stablerep.producers.sampling import Sampler, initial_noise, plan_steps
+from online_stablerep.producers.sampling import (
+    Sampler,
+    initial_noise,
+    plan_steps,
+    scheduler_eta,
+)
 from tests.helpers import save_random_unet
 
 CAPTIONS = ["a red car on a wet street", "two dogs on a sofa"]
@@ -73,8 +78,24 @@ def test_recipe_sets_its_levers_and_explicit_keys_win():
                                       "generator.guidance_interval=[0,0.125]"])
     assert cfg.generator.steps == 8 and cfg.generator.scheduler == "lcm"
     paper = load_config("sd15_vitb16").generator
-    assert (paper.recipe, paper.scheduler, paper.steps, paper.lora) == ("paper", "dpm++", 20, "")
+    assert (paper.recipe, paper.scheduler, paper.steps, paper.ddim_eta, paper.lora) == (
+        "paper", "ddim", 50, 0.0, "")
+    assert (paper.guidance, paper.resolution) == ("2.0", 512)
+    dpm20 = load_config("sd15_vitb16", ["generator.recipe=dpm20"]).generator
+    assert (dpm20.scheduler, dpm20.steps) == ("dpm++", 20)
     assert load_config(None).generator.recipe == ""
+
+
+def test_ddim_runs_with_its_own_eta_never_tcds():
+    cfg = load_config("sd15_vitb16")
+    assert cfg.generator.tcd_eta == 0.3 and scheduler_eta(cfg.generator) == 0.0
+    asked = load_config("sd15_vitb16", ["generator.ddim_eta=0.5"]).generator
+    assert scheduler_eta(asked) == 0.5
+    turbo = load_config("sd15_vitb16", ["generator.recipe=turbo"]).generator
+    assert scheduler_eta(turbo) == 1.0
+    assert scheduler_eta(load_config("sd15_vitb16", ["generator.recipe=dpm20"]).generator) == 0.0
+    with pytest.raises(ConfigError, match=r"generator\.ddim_eta"):
+        load_config("sd15_vitb16", ["generator.recipe=dpm20", "generator.ddim_eta=0.5"])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -83,6 +104,7 @@ def test_recipe_sets_its_levers_and_explicit_keys_win():
     ("generator.timestep_spacing=odd", "generator.timestep_spacing"),
     ("generator.scheduler=lcm generator.timestep_spacing=trailing", "generator.timestep_spacing"),
     ("generator.tcd_eta=1.5", "generator.tcd_eta"),
+    ("generator.ddim_eta=-0.1", "generator.ddim_eta"),
     ("generator.compile_mode=fastest", "generator.compile_mode"),
     ("generator.base_steps=1", "generator.base_steps"),
     ("generator.guidance_interval=[0.5,0.2]", "generator.guidance_interval"),

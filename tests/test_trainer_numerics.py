@@ -69,6 +69,60 @@ def test_bf16_training_keeps_fp32_master_weights_and_optimizer_state(tmp_path):
     assert "DTYPES" in result.stdout
 
 
+# One step under each train.precision on CPU; what the weights, gradients, activations and
+# the loss are held in (docs/paper-parity.md, "Precision").
+PRECISION_SCRIPT = BF16_SCRIPT.split("# A ViT")[0] + r"""
+import json
+precision, head = sys.argv[2], sys.argv[3]
+cfg = load_config("cpu_procedural", [f"output_dir={sys.argv[1]}", f"train.precision={precision}",
+    "model.backbone=vit_tiny_patch16_224", f"model.head={head}", "model.image_size=32",
+    "batch.captions_per_batch=4", "batch.views_per_caption=2", "train.steps=1",
+    "train.checkpoint_every=0", "train.image_grid_every=0", "train.log_every=100"])
+n, k = 4, 2
+torch.manual_seed(0)
+batch = TrainBatch(images=torch.randint(0, 255, (n * k, 3, 32, 32), dtype=torch.uint8),
+                   caption_ids=torch.arange(n).repeat(k), captions=["c"] * n,
+                   views_per_caption=k, captions_per_batch=n)
+trainer = Trainer(cfg, groups, OneBatch(batch), device)
+module = trainer.engine.module
+seen = {"activation": set(), "grad": set(), "loss": set()}
+module.backbone.blocks[0].mlp.fc1.register_forward_hook(
+    lambda m, i, out: seen["activation"].add(str(out.dtype)))
+for p in module.parameters():
+    p.register_hook(lambda g: seen["grad"].add(str(g.dtype)))
+forward_loss = trainer._forward_loss
+def recorded(b):
+    terms = forward_loss(b)
+    seen["loss"].add(str(terms["loss"].dtype))
+    return terms
+trainer._forward_loss = recorded
+trainer.fit()
+seen["param"] = {str(p.dtype) for p in module.parameters()}
+inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
+seen["master"] = {str(p.dtype) for g in inner.param_groups for p in g["params"]}
+print("DTYPES", json.dumps({key: sorted(value) for key, value in seen.items()}))
+"""
+
+F32, B16 = ["torch.float32"], ["torch.bfloat16"]
+
+
+@pytest.mark.parametrize("precision, head, expected", [
+    # DeepSpeed bf16: bf16 weights, activations and gradients; fp32 master copy.
+    ("bf16", "mlp_ln", {"param": B16, "grad": B16, "activation": B16, "master": F32}),
+    # The official structure: fp32 weights and gradients, bf16 activations under autocast,
+    # with the paper's BatchNorm head.
+    ("autocast_bf16", "mlp_bn", {"param": F32, "grad": F32, "activation": B16, "master": F32}),
+    ("fp32", "mlp_bn", {"param": F32, "grad": F32, "activation": F32, "master": F32}),
+])
+def test_precision_modes_hold_the_documented_dtypes(tmp_path, precision, head, expected):
+    result = subprocess.run([sys.executable, "-c", PRECISION_SCRIPT, str(tmp_path), precision,
+                             head], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("DTYPES "))
+    seen = json.loads(line[len("DTYPES "):])
+    assert seen == {**expected, "loss": F32}
+
+
 # Steps the golden run trains. Training is chaotic: two CPUs whose kernels round differently (the
 # golden file's machine and an Intel Xeon VM) differ by 6e-7 at step 0 (an AMD EPYC by 7e-7) and
 # 1.9e-4 at step 3, but by 1.1e-3 at step 4 and 1.4e-2 at step 5: later steps cannot be compared.

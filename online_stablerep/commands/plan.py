@@ -104,6 +104,11 @@ def _generator_rate(data: dict, path: str, cfg: Config) -> float:
     if row["steps"] != g.steps:
         raise ValueError(f"--from-results {path}: measured steps={row['steps']!r}, the config "
                          f"has generator.steps={g.steps!r}")
+    # Files written before the paper recipe became DDIM-50 hold 20-step "paper" rows.
+    scheduler = row.get("scheduler", settings.get("scheduler", g.scheduler))
+    if scheduler != g.scheduler:
+        raise ValueError(f"--from-results {path}: measured scheduler={scheduler!r}, the config "
+                         f"has generator.scheduler={g.scheduler!r}")
     return float(row["images_per_s"])
 
 

@@ -12,7 +12,7 @@ import sys
 
 from online_stablerep.commands.common import add_config_arguments, load_or_report
 from online_stablerep.config.validate import parse_generators
-from online_stablerep.jobs.preflight import InputError, check_inputs
+from online_stablerep.jobs.preflight import InputError, check_inputs, job_schedule
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     per_node = world // args.nodes
     code = 0
     try:
-        check_inputs(cfg, world, per_node)
+        job_schedule(cfg, check_inputs(cfg, world, per_node))
     except InputError as err:
         print(f"input error: {err}", file=sys.stderr, flush=True)
         code = 2

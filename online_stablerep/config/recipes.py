@@ -1,5 +1,6 @@
-"""Named generator recipes: each a documented set of speed levers picked with one key,
-`generator.recipe=paper|fast|turbo`.
+"""Named generator recipes: each a documented set of sampler settings and speed levers picked
+with one key, `generator.recipe=paper|dpm20|fast|turbo`. "Recipe" means only this in the
+project; the training hyper-parameters of the paper are the `sd15_vitb16` preset.
 
 A recipe's levers replace the preset's generator keys; `key=value` overrides replace the
 recipe's (so `generator.recipe=fast generator.lora=/my/lcm-lora` keeps the recipe and swaps the
@@ -26,7 +27,7 @@ class Recipe:
 
 # Levers every recipe sets, so switching recipes never inherits another recipe's choices.
 _NEUTRAL: dict[str, Any] = {
-    "scheduler": "dpm++", "steps": 20, "timestep_spacing": "", "tcd_eta": 0.3,
+    "scheduler": "dpm++", "steps": 20, "timestep_spacing": "", "tcd_eta": 0.3, "ddim_eta": 0.0,
     "lora": "", "lora_weight_name": "", "lora_scale": 1.0, "unet": "", "base_steps": 0,
     "guidance_interval": [0.0, 1.0], "deep_cache_every": 1, "tiny_vae": "",
     "compile": True, "compile_mode": "reduce-overhead", "fuse_qkv": True,
@@ -34,9 +35,15 @@ _NEUTRAL: dict[str, Any] = {
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe(
-        summary="the paper's sampler (20 DPM-Solver++ steps, guidance on every step, full VAE) "
-                "with only levers that keep the images: compiled UNet with CUDA graphs at fixed "
-                "shapes and fused QKV projections",
+        summary="the official generation's sampler (DDIM, 50 steps, eta 0, guidance on every "
+                "step, full VAE; the preset's guidance 2.0, 512 px, stored at 256) with only "
+                "levers that keep the images: compiled UNet with CUDA graphs at fixed shapes "
+                "and fused QKV projections",
+        levers={**_NEUTRAL, "scheduler": "ddim", "steps": 50},
+    ),
+    "dpm20": Recipe(
+        summary="20 DPM-Solver++ steps, guidance on every step, full VAE, compiled with fused "
+                "QKV: 2.5x fewer UNet passes than the paper's DDIM-50 (not the paper's sampler)",
         levers=dict(_NEUTRAL),
     ),
     "fast": Recipe(

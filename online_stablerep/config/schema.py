@@ -30,6 +30,12 @@ class ModelConfig:
     text_heads: int = 8
     # Maximum number of text tokens (CLIP's 77).
     text_context_length: int = 77
+    # MLP activation of the text tower: "quick_gelu" (the official StableRepMM's and CLIP's,
+    # x * sigmoid(1.702 x)) or "gelu".
+    text_activation: str = "quick_gelu"
+    # Width of StableRep++'s image-text space: the bias-free linear image and text projections
+    # map to it (official 512; the multi-positive term keeps model.embed_dim).
+    image_text_dim: int = 512
 
 
 @dataclass
@@ -101,8 +107,8 @@ class OptimConfig:
     beta2: float = 0.98
     # AdamW weight decay (not applied to biases and norm parameters).
     weight_decay: float = 0.1
-    # Linear warmup steps before the cosine decay.
-    warmup_steps: int = 1000
+    # Linear warm-up steps before the cosine decay (0 = from train.warmup_epochs at start).
+    warmup_steps: int = 0
     # Final learning rate as a fraction of the peak.
     min_lr_ratio: float = 0.0
     # Gradient clipping by global norm; 0 disables it.
@@ -114,14 +120,24 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    # Total optimizer steps.
-    steps: int = 109000
-    # Stop after this many passes over the caption corpus (0 = no limit, steps decides).
+    # Total optimizer steps (0 = train.schedule_epochs passes over the caption corpus, resolved
+    # at start from the corpus size, trainer ranks and batch; config.yaml records the result).
+    steps: int = 0
+    # Schedule length in passes over the caption corpus, the official --epochs (1x = 15, 3x =
+    # 45); a pass uses every caption's group once. Used when train.steps is 0.
+    schedule_epochs: float = 15.0
+    # Warm-up in passes over the corpus, the official --warmup_epochs (1x: 0.5). Used when
+    # optim.warmup_steps is 0; with an explicit train.steps, as the same share of the schedule.
+    warmup_epochs: float = 0.5
+    # Producers stop after this many passes over the caption corpus, each generating new
+    # images (0 = no limit, train.steps decides).
     epochs: int = 0
     # End this run after this many steps, checkpointing there (0 = run to train.steps); the
     # schedule still spans train.steps, so a time-limited allocation resumes seamlessly.
     stop_after: int = 0
-    # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32".
+    # "auto" (bf16 on GPU, fp32 on CPU), "bf16" (DeepSpeed bf16: bf16 weights and gradients,
+    # fp32 master weights), "autocast_bf16" (as the official code: fp32 weights and gradients,
+    # forward under bf16 autocast) or "fp32" (docs/paper-parity.md).
     precision: str = "auto"
     # DeepSpeed ZeRO stage (0 or 1).
     zero_stage: int = 0
@@ -173,8 +189,9 @@ class ProceduralConfig:
 
 @dataclass
 class GeneratorConfig:
-    # Named set of speed levers (config/recipes.py): "" (none: every key as given), "paper",
-    # "fast" or "turbo". Keys given explicitly (preset or override) win over the recipe's.
+    # Named sampler recipe (config/recipes.py, docs/recipes.md): "" (none: every key as given),
+    # "paper" (the official DDIM-50), "dpm20", "fast" or "turbo". Keys given explicitly
+    # (override) win over the recipe's.
     recipe: str = ""
     # Diffusers checkpoint (local dir or hub id), "toy" (the trained toy model shipped in the
     # package, docs/toy-model.md) or a random-weight architecture: "tiny", "sd15", "sd21", "sdxl".
@@ -185,6 +202,9 @@ class GeneratorConfig:
     timestep_spacing: str = ""
     # TCD scheduler stochasticity eta in [0, 1] (more = more fresh noise per step, more diverse).
     tcd_eta: float = 0.3
+    # DDIM eta in [0, 1] (used only with scheduler ddim): 0 is deterministic DDIM, the official
+    # generation's --ddim_eta; 1 is DDPM-like ancestral sampling.
+    ddim_eta: float = 0.0
     # Denoising steps.
     steps: int = 20
     # Guidance: "small" [2,3], "large" [8,10], "mixed", a list "2,3,4", or one value "2.0".

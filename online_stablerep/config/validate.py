@@ -63,6 +63,8 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
     _require(m.text_heads >= 1 and m.text_width % m.text_heads == 0, "model.text_width",
              f"{m.text_width} is not a multiple of model.text_heads={m.text_heads}")
+    _one_of(m.text_activation, "model.text_activation", ("quick_gelu", "gelu"))
+    _require(m.image_text_dim > 0, "model.image_text_dim", "must be positive")
     _require(cfg.loss.temperature > 0, "loss.temperature", f"must be > 0, got {cfg.loss.temperature}")
     _require(cfg.loss.image_weight >= 0, "loss.image_weight", "must be >= 0")
     _require(cfg.loss.text_weight >= 0, "loss.text_weight", "must be >= 0")
@@ -101,10 +103,17 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
-    _require(t.steps >= 1, "train.steps", "must be >= 1")
+    _require(t.steps >= 0, "train.steps", "must be >= 0 (0 = from train.schedule_epochs)")
+    _require(t.steps > 0 or t.schedule_epochs > 0, "train.schedule_epochs",
+             "must be > 0 when train.steps is 0 (the schedule comes from one of them)")
+    _require(t.schedule_epochs >= 0, "train.schedule_epochs", "must be >= 0")
+    _require(0 <= t.warmup_epochs and (t.schedule_epochs == 0
+                                       or t.warmup_epochs <= t.schedule_epochs),
+             "train.warmup_epochs",
+             f"{t.warmup_epochs} not in [0, train.schedule_epochs={t.schedule_epochs}]")
     _require(t.epochs >= 0, "train.epochs", "must be >= 0")
     _require(t.stop_after >= 0, "train.stop_after", "must be >= 0")
-    _one_of(t.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _one_of(t.precision, "train.precision", ("auto", "bf16", "autocast_bf16", "fp32"))
     _one_of(t.zero_stage, "train.zero_stage", (0, 1))
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
@@ -210,6 +219,9 @@ def _validate_levers(cfg: Config) -> None:
     _one_of(g.recipe, "generator.recipe", ("", *RECIPES))
     _one_of(g.timestep_spacing, "generator.timestep_spacing", TIMESTEP_SPACINGS)
     _require(0.0 <= g.tcd_eta <= 1.0, "generator.tcd_eta", f"{g.tcd_eta} not in [0, 1]")
+    _require(0.0 <= g.ddim_eta <= 1.0, "generator.ddim_eta", f"{g.ddim_eta} not in [0, 1]")
+    _require(g.ddim_eta == 0.0 or g.scheduler == "ddim", "generator.ddim_eta",
+             f"{g.ddim_eta} would be ignored: generator.scheduler is {g.scheduler!r}, not ddim")
     _one_of(g.compile_mode, "generator.compile_mode", COMPILE_MODES)
     _require(math.isfinite(g.lora_scale) and g.lora_scale != 0, "generator.lora_scale",
              "must be a finite non-zero number")

@@ -11,12 +11,14 @@ parts the job will build, so it sits in the job layer beside what it checks.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 
-from online_stablerep.config.schema import Config
+from online_stablerep.config.schedule import Schedule, resolve_schedule
+from online_stablerep.config.schema import CaptionsConfig, Config
 from online_stablerep.config.validate import ConfigError
 from online_stablerep.distributed.roles import Roles
 
@@ -94,13 +96,52 @@ def _check_generator_model(cfg: Config) -> None:
                  "AutoencoderTiny folder, or leave it empty)")
 
 
-def _check_captions(cfg: Config, producers: int) -> None:
+def _caption_count(captions: CaptionsConfig) -> int:
+    # Indexing a corpus of millions of captions takes seconds: the checks and the schedule
+    # share one count (keyed by the file's modification time too, so an edited file is
+    # counted again).
+    path = Path(captions.path).expanduser()
+    stamp = path.stat().st_mtime_ns if captions.path and path.exists() else 0
+    return _count(captions.path, captions.column, captions.skip_bad_rows, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _count(path: str, column: str, skip_bad_rows: bool, stamp: int) -> int:
     from online_stablerep.producers.captions import CaptionSource
 
     try:
-        count = len(CaptionSource.open(cfg.captions))
+        return len(CaptionSource.open(CaptionsConfig(path=path, column=column,
+                                                     skip_bad_rows=skip_bad_rows)))
     except ValueError as err:
         raise InputError(str(err)) from None
+
+
+def corpus_groups(cfg: Config) -> int:
+    """Caption groups of one pass over the corpus the producers draw from: the captions, the
+    procedural categories, or 0 for stored shards (not counted: that reads every shard)."""
+    if cfg.producer.kind == "diffusion":
+        return _caption_count(cfg.captions)
+    if cfg.producer.kind == "procedural":
+        return cfg.procedural.num_categories
+    return 0
+
+
+def job_schedule(cfg: Config, roles: Roles) -> Schedule:
+    """The run's schedule for its corpus and trainer ranks (config/schedule.py).
+
+    Raises:
+        InputError: naming train.steps when the schedule cannot come from the corpus.
+    """
+    try:
+        return resolve_schedule(cfg, corpus_groups(cfg), roles.num_trainers)
+    except InputError:
+        raise
+    except ConfigError as err:
+        raise InputError(str(err)) from None
+
+
+def _check_captions(cfg: Config, producers: int) -> None:
+    count = _caption_count(cfg.captions)
     n = cfg.batch.captions_per_batch
     where = cfg.captions.path or "the demo captions"
     _require(count >= producers,

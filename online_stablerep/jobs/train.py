@@ -19,12 +19,13 @@ import torch
 import torch.distributed as dist
 
 from online_stablerep.config import Config, ConfigError, save_config
+from online_stablerep.config.schedule import Schedule, reuse_line
 from online_stablerep.config.validate import real_groups_per_batch, resolved_min_pool
 from online_stablerep.distributed.env import default_device, local_world_size
 from online_stablerep.distributed.groups import JobGroups, create_groups, init_with_deepspeed
 from online_stablerep.distributed.roles import Roles
 from online_stablerep.distributed.startup import StartupError, agree_on_startup, several_nodes
-from online_stablerep.jobs.preflight import InputError, check_inputs
+from online_stablerep.jobs.preflight import InputError, check_inputs, job_schedule
 from online_stablerep.jobs.shutdown import StopRequest, write_last_word
 from online_stablerep.monitoring.metrics import (
     MetricSink,
@@ -281,9 +282,14 @@ def run_job(cfg: Config) -> int:
     # (InputError: the CLI prints one line and exits 2). On several nodes the failure is held
     # until the rendezvous, so every node hears of it (distributed/startup.py).
     roles: Roles | None = None
+    schedule: Schedule | None = None
     failure: str | None = None
     try:
         roles = check_inputs(cfg, world, local)
+        # The schedule in steps, from the corpus and the trainer ranks (an explicit
+        # train.steps wins): what the trainers run and config.yaml records.
+        schedule = job_schedule(cfg, roles)
+        cfg = schedule.apply(cfg)
     except InputError as err:
         if not several_nodes(world, local):
             raise
@@ -306,6 +312,9 @@ def run_job(cfg: Config) -> int:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
             console(roles.describe(), rank=rank)
+            assert schedule is not None
+            console(schedule.describe(), rank=rank)
+            console(reuse_line(cfg, schedule), rank=rank)
         if roles.is_trainer(rank):
             code = _run_trainer(cfg, roles, groups, device, stop)
         else:

@@ -51,14 +51,14 @@ class StableRepModel(nn.Module):
     Args:
         backbone: maps (N, 3, S, S) images to (N, D) features and exposes `num_features`.
         head: maps (N, D) features to (N, E) embeddings, BatchNorm per view chunk.
-        text_tower: maps (n, L) tokens to (n, E) embeddings (its own text projection last),
+        text_tower: maps (n, L) tokens to (n, T) embeddings (its own text projection last),
             or None.
-        embed_dim: E, the width of the image-text space (with a text tower).
+        image_text_dim: T, the width of the image-text space (with a text tower).
     """
 
     def __init__(
         self, backbone: nn.Module, head: ProjectionHead, text_tower: nn.Module | None = None,
-        embed_dim: int = 0,
+        image_text_dim: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -68,7 +68,7 @@ class StableRepModel(nn.Module):
         self.logit_scale: nn.Parameter | None = None
         if text_tower is not None:
             width = backbone.num_features
-            self.image_projection = nn.Linear(width, embed_dim, bias=False)
+            self.image_projection = nn.Linear(width, image_text_dim, bias=False)
             nn.init.normal_(self.image_projection.weight, std=width**-0.5)
             self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
 
@@ -96,8 +96,8 @@ class StableRepModel(nn.Module):
             text_tokens: (n, L) tokens of the n captions in group order (StableRep++ only).
 
         Returns:
-            image_embed (N, E) from the head; with text tokens also image_text_embed (N, E)
-            (the linear image projection), text_embed (n, E) and logit_scale (a scalar, the
+            image_embed (N, E) from the head; with text tokens also image_text_embed (N, T)
+            (the linear image projection), text_embed (n, T) and logit_scale (a scalar, the
             log of the logit multiplier).
 
         Raises:
@@ -133,4 +133,4 @@ def build_model(m: ModelConfig, group: dist.ProcessGroup | None = None) -> Stabl
         from online_stablerep.models.text import build_text_tower
 
         text_tower = build_text_tower(m)
-    return StableRepModel(backbone, head, text_tower, m.embed_dim)
+    return StableRepModel(backbone, head, text_tower, m.image_text_dim)

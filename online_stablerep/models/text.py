@@ -10,7 +10,7 @@ import functools
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import QuickGELU, TextTransformer
 
 from online_stablerep.config.schema import ModelConfig
 
@@ -32,11 +32,16 @@ def tokenize(captions: list[str], context_length: int) -> torch.Tensor:
     return _tokenizer()(captions, context_length=context_length).long()
 
 
-def build_text_tower(model_cfg: ModelConfig) -> TextTransformer:
-    """Random-init text transformer mapping (n, context_length) tokens to (n, embed_dim).
+# model.text_activation -> the MLP activation of each text block.
+ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"quick_gelu": QuickGELU, "gelu": torch.nn.GELU}
 
-    Width, layers, heads and context come from model_cfg; the output is projected to
-    model_cfg.embed_dim so it lives in the image embedding's space.
+
+def build_text_tower(model_cfg: ModelConfig) -> TextTransformer:
+    """Random-init text transformer mapping (n, context_length) tokens to (n, image_text_dim).
+
+    Width, layers, heads, context and activation come from model_cfg; the end-of-text token's
+    feature goes through a bias-free linear projection to model_cfg.image_text_dim, the space
+    the image projection maps to (official StableRepMM: 12 layers, width 512, QuickGELU, 512).
     """
     return TextTransformer(
         context_length=model_cfg.text_context_length,
@@ -44,5 +49,6 @@ def build_text_tower(model_cfg: ModelConfig) -> TextTransformer:
         width=model_cfg.text_width,
         heads=model_cfg.text_heads,
         layers=model_cfg.text_layers,
-        output_dim=model_cfg.embed_dim,
+        output_dim=model_cfg.image_text_dim,
+        act_layer=ACTIVATIONS[model_cfg.text_activation],
     )

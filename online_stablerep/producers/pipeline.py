@@ -202,6 +202,10 @@ def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Compon
     scheduler_config = dict(parts["scheduler_config"])
     if cfg.timestep_spacing:
         scheduler_config["timestep_spacing"] = cfg.timestep_spacing
+    # Latents are not images in [-1, 1]: DDIM's clip_sample (on when a config, like the toy
+    # model's DPM-Solver one, does not name it) would clip the predicted latent. Diffusers'
+    # StableDiffusionPipeline turns it off the same way, and the official ldm DDIM never clips.
+    scheduler_config["clip_sample"] = False
     resolution = cfg.resolution or sample_size * vae_scale_factor
     return Components(
         unet=unet,

@@ -63,6 +63,12 @@ def _guidance_embedding(w_b: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
 
+def scheduler_eta(g: GeneratorConfig) -> float:
+    """The eta of the configured scheduler: its own key for DDIM and TCD, 0 for the others
+    (each key belongs to one scheduler, so DDIM never inherits TCD's default of 0.3)."""
+    return {"ddim": g.ddim_eta, "tcd": g.tcd_eta}.get(g.scheduler, 0.0)
+
+
 @dataclass(frozen=True)
 class StepKind:
     """How one sampling step runs."""
@@ -114,12 +120,13 @@ class Sampler:
             lo <= i / steps < hi; the others make one conditional pass.
         base_steps: the first steps run `components.base_unet` (the undistilled model).
         deep_cache_every: with DeepCache UNets, a full UNet pass every this many steps.
-        eta: stochasticity of schedulers that take one (TCD).
+        eta: stochasticity of a scheduler that takes one (DDIM, TCD; 0 = deterministic);
+            ignored by the others.
     """
 
     def __init__(self, components: Components, steps: int, negative_prompt: str = "",
                  vae_decode_chunk: int = 0, guidance_interval: tuple[float, float] = (0.0, 1.0),
-                 base_steps: int = 0, deep_cache_every: int = 1, eta: float = 0.3) -> None:
+                 base_steps: int = 0, deep_cache_every: int = 1, eta: float = 0.0) -> None:
         assert base_steps == 0 or components.base_unet is not None, "base steps need a base UNet"
         assert deep_cache_every == 1 or components.deep_cache, "DeepCache needs DeepCacheUNets"
         self.c = components
@@ -140,7 +147,7 @@ class Sampler:
         """The sampler a generator config asks for."""
         return cls(components, g.steps, g.negative_prompt, g.vae_decode_chunk,
                    guidance_interval=tuple(g.guidance_interval), base_steps=g.base_steps,
-                   deep_cache_every=g.deep_cache_every, eta=g.tcd_eta)
+                   deep_cache_every=g.deep_cache_every, eta=scheduler_eta(g))
 
     @torch.inference_mode()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

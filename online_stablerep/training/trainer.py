@@ -52,9 +52,18 @@ class TrainResult:
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """DeepSpeed's bf16 mode: bf16 weights, activations and gradients, fp32 master weights and
+    optimizer state ("bf16", or "auto" on a GPU)."""
     if cfg.train.precision == "auto":
         return device.type == "cuda"
     return cfg.train.precision == "bf16"
+
+
+def use_autocast(cfg: Config) -> bool:
+    """The official structure ("autocast_bf16"): an fp32 engine (weights, gradients, optimizer
+    state) with the forward under bf16 autocast (the official code autocasts to fp16 with a
+    loss scaler; bf16 needs none)."""
+    return cfg.train.precision == "autocast_bf16"
 
 
 def peak_lr(cfg: Config, trainer_world: int) -> float:
@@ -95,6 +104,9 @@ class Trainer:
         compare: Callable[[dict[str, float]], str] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
+        if cfg.train.steps < 1:
+            raise ValueError("train.steps=0: resolve the schedule from the corpus first "
+                             "(config/schedule.py, as jobs/train.py does)")
         self.cfg = cfg
         # Set by SIGTERM/SIGINT: every trainer rank stops at the next step, with a checkpoint.
         self.stop = stop
@@ -111,6 +123,7 @@ class Trainer:
         self.global_rank = groups.rank
         self.world = get_world_size(self.group)
         self.bf16 = use_bf16(cfg, device)
+        self.autocast = use_autocast(cfg)
         self.n = cfg.batch.captions_per_batch
         self.k = cfg.batch.views_per_caption
 
@@ -254,8 +267,9 @@ class Trainer:
 
             text_tokens = tokenize(batch.captions, self.cfg.model.text_context_length)
             text_tokens = text_tokens.to(self.device)
-        outputs = self.engine(views, views_per_caption=batch.views_per_caption,
-                              text_tokens=text_tokens)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            outputs = self.engine(views, views_per_caption=batch.views_per_caption,
+                                  text_tokens=text_tokens)
         caption_ids = batch.caption_ids.to(self.device)
         text_ids = caption_ids[: batch.captions_per_batch] if text_tokens is not None else None
         return self.loss_fn(outputs, caption_ids, text_caption_ids=text_ids)
