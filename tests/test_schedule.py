@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from online_stablerep.config.inputs import InputError, job_schedule
 
 from online_stablerep.config import ConfigError, load_config
-from online_stablerep.config.inputs import InputError, job_schedule
 from online_stablerep.config.schedule import resolve_schedule, steps_per_epoch, uses_per_image
 from online_stablerep.distributed.roles import Roles
 from tests.helpers import TINY_PROCEDURAL, run_cli
