@@ -24,8 +24,8 @@ def _images(cfg: GeneratorConfig, every: int) -> torch.Tensor:
                             output_size=components.resolution)
 
 
-def test_full_path_equals_the_unet_and_cached_path_is_cheaper():
-    unet = build_components(GeneratorConfig(model="tiny", dtype="fp32"), "cpu").unet
+def test_full_path_equals_the_unet_and_cached_path_is_cheaper(tiny_fp32_components):
+    unet = tiny_fp32_components.unet
     wrapped = DeepCacheUNet(unet)
     x = torch.randn(2, 4, 32, 32)
     context = torch.randn(2, 77, 32)

@@ -75,7 +75,7 @@ def last_words(out: Path) -> dict[int, dict]:
 
 def test_two_nodes_finish_with_a_generator_each(tmp_path):
     out, logs = tmp_path / "run", tmp_path / "logs"
-    codes = wait_nodes(start_nodes(out, logs, "train.steps=8", "train.audit=true"), logs, 150)
+    codes = wait_nodes(start_nodes(out, logs, "train.steps=8", "train.audit=true"), logs, 300)
     assert codes == [0, 0], tails(logs)
     node0, node1 = ((logs / f"node{n}.log").read_text() for n in (0, 1))
     assert "job finished: every rank exited cleanly" in node0 and "job finished" in node1

@@ -29,11 +29,11 @@ IDS = [(0, 3), (0, 8)]
 
 
 @pytest.fixture(scope="module")
-def artefacts(tmp_path_factory):
+def artefacts(tmp_path_factory, tiny_fp32_components):
     """Random-weight adapter, distilled UNets and tiny VAE for the tiny architecture, saved in
     diffusers' formats."""
     root = tmp_path_factory.mktemp("artefacts")
-    base = build_components(GeneratorConfig(model="tiny", dtype="fp32"), "cpu")
+    base = tiny_fp32_components
     return {
         "lora": str(save_random_lora(base.unet, root / "lora", std=0.1)),
         "unet": str(save_random_unet(base.unet, root / "unet", seed=1)),
