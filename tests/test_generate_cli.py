@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import pytest
 from PIL import Image
 
 from online_stablerep.commands import generate
@@ -16,7 +15,6 @@ def _run(argv: list[str]) -> int:
     return generate.run(parser.parse_args(argv))
 
 
-@pytest.mark.slow
 def test_writes_a_grid_and_prints_images_per_second(tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("a red kite over a beach\na bowl of ramen\na snowy street\n")

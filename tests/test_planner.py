@@ -142,6 +142,7 @@ def test_cli_bad_config_exits_2(capsys):
     assert code == 2 and "no such file" in err
 
 
+@pytest.mark.slow
 def test_flop_model_reproduces_published_sd15_figures():
     counted = count_diffusion_flops("sd15", 512)
     assert counted.unet_forward == pytest.approx(803e9, rel=0.01)
@@ -153,6 +154,7 @@ def test_flop_model_reproduces_published_sd15_figures():
     assert no_cfg == pytest.approx(counted.unet_forward * 20 + counted.vae_decode, rel=0.001)
 
 
+@pytest.mark.slow
 def test_vit_b16_view_costs_three_forwards():
     # timm's often-quoted 17.6 "GFLOPs" for ViT-B/16 are multiply-adds: 35 GFLOP forward.
     cfg = load_config("sd15_vitb16", ["batch.captions_per_batch=2", "batch.views_per_caption=2"])

@@ -178,6 +178,7 @@ def test_base_steps_hand_over_from_base_model_to_distilled(artefacts):
     assert not torch.equal(mixed, only_distilled) and not torch.equal(mixed, all_base)
 
 
+@pytest.mark.slow
 def test_interval_guidance_covering_every_step_is_full_guidance():
     full = _ours(_tiny())
     assert torch.equal(_ours(_tiny(guidance_interval=[0.0, 1.0])), full)
@@ -201,6 +202,7 @@ def test_step_plan_follows_interval_base_steps_and_cache():
     assert [k.full for k in plan_steps(4, (0.0, 0.5), deep_cache_every=4)] == [1, 0, 1, 0]
 
 
+@pytest.mark.slow
 def test_tiny_decoder_matches_diffusers_autoencoder_tiny(artefacts):
     cfg = _tiny(tiny_vae=artefacts["tiny_vae"])
     components = build_components(cfg, "cpu")
@@ -209,6 +211,7 @@ def test_tiny_decoder_matches_diffusers_autoencoder_tiny(artefacts):
     assert _max_diff(_ours(cfg), stock) <= 1
 
 
+@pytest.mark.slow
 def test_tcd_eta_matches_the_pipeline_and_adds_noise():
     cfg = _tiny(scheduler="tcd", tcd_eta=0.0)
     components = build_components(cfg, "cpu")
@@ -224,12 +227,14 @@ def test_trailing_timesteps_reach_the_scheduler():
     assert int(sampler.scheduler.timesteps[0]) == 999
 
 
+@pytest.mark.slow
 def test_fused_qkv_matches_separate_projections():
     assert _max_diff(_ours(_tiny(fuse_qkv=True)), _ours(_tiny())) <= 1
 
 
 # --- recipes through the real producer --------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_each_recipe_generates_a_group_through_the_producer(tmp_path, artefacts, recipe):
     captions = tmp_path / "captions.txt"

@@ -187,6 +187,7 @@ _KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_writer_killed_mid_write_leaves_only_complete_shards(tmp_path):
     folder = tmp_path / "shards"
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(folder)],

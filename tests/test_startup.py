@@ -25,6 +25,7 @@ def _rank(rank: int, port: int, errors: dict[int, str | None], results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("errors, expected", [
     ({0: None, 1: None}, {0: ("ok", True), 1: ("ok", True)}),
     ({0: None, 1: "input error: generator.model='/models/sd': no such folder"},

@@ -80,6 +80,7 @@ def test_packaged_corpora_are_the_toy_world():
     assert len(CaptionSource.open(cfg.captions)) == TOY_CATEGORIES
 
 
+@pytest.mark.slow
 def test_train_command_writes_a_loadable_diffusers_folder(tmp_path, capsys):
     out = tmp_path / "toy"
     assert main(["train-toy-generator", "--out", str(out), "--steps", "2", "--vae-steps", "1",
