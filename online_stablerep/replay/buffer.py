@@ -27,7 +27,7 @@ def default_min_pool(n: int, max_reuse: int, draw: str = "random") -> int:
 
     Uniform draws of n groups from a pool of P repeat about n / P of the previous batch and
     spread a group's R uses over about R * P / n steps. 4n keeps the repeat near a quarter
-    (the official offline recipe reshuffles whole epochs, repeat ~0); with max_reuse 1 no group
+    (the official offline run reshuffles whole epochs, repeat ~0); with max_reuse 1 no group
     can repeat, so a larger pool would only add latency.
     """
     return n if max_reuse <= 1 or draw == "sequential" else 4 * n
