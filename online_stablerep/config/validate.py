@@ -280,7 +280,7 @@ def resolved_min_pool(cfg: Config) -> int:
 
     Uniform draws of n groups from a pool of P repeat about n / P of the previous batch and
     spread a group's R uses over about R * P / n steps. 4n keeps the repeat near a quarter
-    (the official offline recipe reshuffles whole epochs, repeat ~0); with max_reuse 1 no group
+    (the official offline run reshuffles whole epochs, repeat ~0); with max_reuse 1 no group
     can repeat, so a larger pool would only add latency.
     """
     n, r = cfg.batch.captions_per_batch, cfg.replay

@@ -4,7 +4,7 @@ Every sample draws its own parameters, but each operation runs once on the whole
 crop as one roi_align call, the colour operations with per-sample factors broadcast, the blur
 as one grouped convolution. Operations a sample skips are selected away with torch.where, so
 nothing loops over samples and nothing waits for the device. Order (as in the official
-recipe): downsample of the whole image, RandomResizedCrop, ColorJitter (its four operations in
+command): downsample of the whole image, RandomResizedCrop, ColorJitter (its four operations in
 a random order per sample, as torchvision's ColorJitter draws per call), grayscale, Gaussian
 blur, flip, normalise.
 """
