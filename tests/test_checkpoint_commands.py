@@ -24,7 +24,7 @@ def saved_run(tmp_path):
     cfg = load_config("cpu_procedural", [f"output_dir={tmp_path}", *OVERRIDES])
     save_config(cfg, tmp_path / "config.yaml")
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     path = save_checkpoint(tmp_path, 1, model.state_dict(), {"step": 1}, None, keep=1)
     return path, model
 

@@ -118,7 +118,7 @@ def test_stablerep_pp_defaults_are_the_official_text_tower_and_projections() -> 
 def test_text_tower_activation_is_configurable(activation: str, expected: type) -> None:
     cfg = tiny_config("resnet10t", "mlp_bn", text_tower=True)
     cfg.model.text_activation = activation
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     acts = [type(block.mlp.gelu) for block in model.text_tower.transformer.resblocks]
     assert acts == [expected] * cfg.model.text_layers
     # QuickGELU is CLIP's x * sigmoid(1.702 x), not the exact GELU.
