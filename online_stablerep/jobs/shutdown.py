@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from online_stablerep import atomic
+
 RANKS_DIR = "ranks"
 
 
@@ -72,9 +74,7 @@ def _store(output_dir: str | Path, word: dict[str, Any]) -> bool:
     path = last_word_path(output_dir, word["rank"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(word))
-        tmp.replace(path)
+        atomic.write_text(path, json.dumps(word))
     except OSError:
         return False
     return True

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from online_stablerep import atomic
 from online_stablerep.config import Config, ConfigError, save_config
 from online_stablerep.config.inputs import InputError, check_inputs
 from online_stablerep.config.validate import real_groups_per_batch, resolved_min_pool
@@ -208,7 +209,7 @@ def _write_summary(cfg: Config, result: TrainResult) -> None:
         "last_loss": result.losses[-1] if result.losses else None,
         "losses": result.losses,
     }
-    (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_text(Path(cfg.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
 
 
 def _run_generator(
