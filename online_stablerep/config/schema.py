@@ -129,6 +129,9 @@ class TrainConfig:
     log_every: int = 50
     # Save a checkpoint every this many steps (0 = only at the end).
     checkpoint_every: int = 5000
+    # Also save a checkpoint once this many minutes passed since the last one (0 = off): the
+    # work a crash loses is bounded in time, whatever a step costs. Trainer ranks agree on it.
+    checkpoint_every_minutes: float = 0.0
     # Keep this many newest checkpoints.
     keep_checkpoints: int = 2
     # Write an image grid of received caption groups every this many steps (0 = never).

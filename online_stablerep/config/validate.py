@@ -107,6 +107,7 @@ def validate(cfg: Config) -> None:
     _one_of(t.zero_stage, "train.zero_stage", (0, 1))
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _require(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _require(t.image_grid_every >= 0, "train.image_grid_every", "must be >= 0")
     _one_of(t.on_nonfinite, "train.on_nonfinite", ("stop", "skip"))

@@ -50,6 +50,7 @@ def run_generator(
     link = GeneratorLink(groups, cfg.transport.timeout_s, cfg.transport.startup_timeout_s)
     link.interrupt = stop
     sent: list[list[int]] = []  # (caption_id, epoch, rank) of every group sent (train.audit)
+    totals = {"groups": 0, "images": 0}  # sent, for the closing line (benchmarks/soak.py)
     producer: Producer | None = None
     try:
         producer = make_producer()
@@ -92,7 +93,10 @@ def run_generator(
                 trainer, count = taken
                 part = made[offset : offset + count]
                 offset += count
-                sent.extend([g.caption_id, g.epoch, g.producer_rank] for g in part)
+                if cfg.train.audit:
+                    sent.extend([g.caption_id, g.epoch, g.producer_rank] for g in part)
+                totals["groups"] += len(part)
+                totals["images"] += sum(g.num_images for g in part)
                 elapsed = max(time.monotonic() - t0, 1e-9)
                 cursor = Cursor(seq, offset, len(made), before,
                                 after if offset == len(made) else None)
@@ -113,6 +117,8 @@ def run_generator(
         link.fail(f"{type(err).__name__}: {err}")
         raise
     finally:
+        console(f"sent {totals['groups']} groups ({totals['images']} images) in all",
+                role="generator", rank=rank)
         if producer is not None:
             producer.close()
         if cfg.train.audit:

@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from online_stablerep import atomic
+from online_stablerep.jobs.restarts import (
+    RESTART_CODE,
+    RESTARTS_FILE,
+    backoff_s,
+    record_restart,
+    restart_refusal,
+)
 
 RANKS_DIR = "ranks"
 
@@ -177,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="ranks this node's launcher started (0: the whole world)")
     parser.add_argument("--wait-s", type=float, default=10.0,
                         help="how long to wait for other nodes' ranks to write a final word")
+    parser.add_argument("--restarts", type=int, default=0,
+                        help="restarts allowed (RESTARTS): a failed job that may be restarted "
+                        f"is recorded in restarts.jsonl and the exit code is {RESTART_CODE}")
+    parser.add_argument("--attempt", type=int, default=0, help="restarts already made")
+    parser.add_argument("--backoff-s", type=float, default=10.0,
+                        help="base of the doubling back-off before a restart")
+    parser.add_argument("--signalled", action="store_true",
+                        help="the wrapper got SIGTERM or SIGINT: never restart")
     args = parser.parse_args(argv)
     per_node = args.ranks_per_node or args.world
     local = range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
@@ -184,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     words = wait_for_final_words(args.output_dir, args.world, local, args.wait_s)
     line, code = summarize(words, args.code, local)
     print(line, file=sys.stderr if code else sys.stdout, flush=True)
+    refusal = restart_refusal(line, code, args.signalled, args.attempt, args.restarts)
+    if refusal is None:
+        attempt = args.attempt + 1
+        wait_s = backoff_s(attempt, args.backoff_s)
+        record_restart(args.output_dir, attempt, args.restarts, line, code, wait_s)
+        print(f"restarting the job from its newest checkpoint in {wait_s:g} s (restart "
+              f"{attempt} of {args.restarts}; recorded in {RESTARTS_FILE})", file=sys.stderr,
+              flush=True)
+        return RESTART_CODE
+    if args.restarts and refusal and line.startswith("job failed"):
+        print(f"not restarting: {refusal}", file=sys.stderr, flush=True)
     return code
 
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from online_stablerep.atomic import atomic_path
 from online_stablerep.distributed.env import get_rank, get_world_size
+from online_stablerep.faults import injected
 
 CHECKPOINT_DIR = "checkpoints"
 # A checkpoint folder, or what a save leaves behind when killed: the folder being written
@@ -208,6 +209,7 @@ def save_checkpoint(
             assert model_state is not None
             _atomic_torch_save(model_state, tmp / "model.pt")
         _atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
+        time.sleep(injected().checkpoint_delay_s)  # tests only: a slow disk
         _barrier(group, timeout_s)
         if rank == 0:
             # 1. The manifest goes last: a folder with meta.json is complete.

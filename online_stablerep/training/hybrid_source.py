@@ -9,6 +9,7 @@ from typing import Any
 
 from online_stablerep.config.schema import Config
 from online_stablerep.distributed.groups import JobGroups
+from online_stablerep.monitoring.metrics import console
 from online_stablerep.records import TrainBatch
 from online_stablerep.replay import ReplayBuffer
 from online_stablerep.transport.messages import TransportError
@@ -131,6 +132,10 @@ class HybridSource:
         error = self.receiver.error
         self.receiver.stop(reason=None if error is None else str(error))
         self.buffer.close()
+        counts = self.receiver.counters()["groups"]
+        console(f"received {sum(counts.values())} groups in all ({counts} by generator rank; "
+                f"{self.buffer.counters()['evicted_unused']} evicted unused)",
+                rank=self.receiver.rank)
 
 
 def build_hybrid_source(
