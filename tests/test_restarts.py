@@ -69,15 +69,17 @@ def test_the_report_records_each_restart_and_asks_for_it(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranks", "restarts.jsonl"]
 
 
-def launch(out: Path, log: Path, marker: str, *extra: str, **env: str) -> subprocess.Popen:
+def launch(out: Path, log: Path, marker: str, *extra: str, config: str = "",
+           **env: str) -> subprocess.Popen:
+    """launch/train.sh on the tiny hybrid procedural job (or on preset `config` as it is, with
+    `extra`), its environment marked with `marker`."""
     full_env = {**os.environ, "MASTER_PORT": str(free_port()), "NUM_GPUS": "0",
                 "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "STOP_GRACE_S": "60",
                 "RESTART_BACKOFF_S": "1", "JOB_MARKER": marker, **env}
-    return subprocess.Popen(
-        ["bash", str(ROOT / "launch/train.sh"), "--config", "cpu_procedural",
-         *hybrid_args(out, *extra)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
-    )
+    args = (["--config", config, f"output_dir={out}", *extra] if config else
+            ["--config", "cpu_procedural", *hybrid_args(out, *extra)])
+    return subprocess.Popen(["bash", str(ROOT / "launch/train.sh"), *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
 
 
 def processes_with(marker: str) -> list[str]:

@@ -156,6 +156,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.transport.collective_timeout_s > 0, "transport.collective_timeout_s",
              "must be > 0")
     parse_generators(cfg.roles.generators)
+    _one_of(cfg.roles.on_generator_loss, "roles.on_generator_loss", ("stop", "continue"))
+    _require(0 < cfg.roles.max_idle_after_loss <= 1, "roles.max_idle_after_loss",
+             "must be in (0, 1]")
 
     _require(cfg.plan.gen_images_per_s >= 0 and cfg.plan.train_images_per_s >= 0,
              "plan.gen_images_per_s", "rates must be >= 0")

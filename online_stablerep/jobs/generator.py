@@ -64,6 +64,9 @@ def run_generator(
             console(f"resuming the caption stream after call {cursor.seq} "
                     f"(group {cursor.end} of {cursor.length})", role="generator", rank=rank)
         producer.start()
+        # Groups the producer gave up after a recoverable error (out of memory, non-finite
+        # images), by cause: only the diffusion producer has such errors to recover from.
+        skipped: dict[str, int] = getattr(producer, "skipped", {})
         t0 = last_log = time.monotonic()
         images = 0
         while True:
@@ -102,13 +105,16 @@ def run_generator(
                                 after if offset == len(made) else None)
                 link.send(trainer, part, {"cursor": cursor.to_dict(),
                                           "images_per_s": images / elapsed,
-                                          "idle_fraction": link.idle_s / elapsed})
+                                          "idle_fraction": link.idle_s / elapsed,
+                                          "skipped": sum(skipped.values())})
             # 4. A console line every so often.
             now = time.monotonic()
             if now - last_log >= LOG_EVERY_S:
                 elapsed = now - t0
                 console(f"{images / elapsed:.1f} img/s, idle {link.idle_s / elapsed:.0%} "
-                        f"(waiting for credit), {images} images", role="generator", rank=rank)
+                        f"(waiting for credit), {images} images"
+                        + (f", groups skipped after errors: {skipped}" if any(skipped.values())
+                           else ""), role="generator", rank=rank)
                 last_log = now
         console("every trainer stopped: exiting", role="generator", rank=rank)
         link.close()

@@ -68,8 +68,9 @@ def last_word_path(output_dir: str | Path, rank: int) -> Path:
 
 def write_last_word(output_dir: str | Path, rank: int, role: str, status: str, reason: str = "",
                     cause: str = "", code: int = 0) -> None:
-    """Record this rank's state: status is running, finished, stopped (by a signal, cleanly) or
-    failed; cause is "own" (this rank's error) or "peer" (another rank failed or vanished).
+    """Record this rank's state: status is running, finished, stopped (by a signal, cleanly),
+    failed, or lost (a generator gone while the job went on: roles.on_generator_loss=continue);
+    cause is "own" (this rank's error) or "peer" (another rank failed or vanished).
     Never raises: a rank that cannot write (a bad output_dir) still exits with its code."""
     word = {"rank": rank, "role": role, "status": status, "reason": reason, "cause": cause,
             "code": code, "pid": os.getpid(), "time": time.time()}
@@ -147,11 +148,14 @@ def summarize(
     if failed:
         w = final[failed[0]]
         return f"job failed: rank {failed[0]} ({w['role']}) failed: {w['reason']}", w["code"] or 1
+    lost = [r for r, w in final.items() if w["status"] == "lost"]
+    went_on = "".join(f"; generator rank {r} was lost on the way ({final[r]['reason']}) and the "
+                      "job went on (roles.on_generator_loss=continue)" for r in lost)
     stopped = [w for w in final.values() if w["status"] == "stopped"]
     if stopped:
         return (f"job stopped: {stopped[0]['reason']}; every rank stopped cleanly "
-                "(resume=true continues from the last checkpoint)"), stopped[0]["code"]
-    return "job finished: every rank exited cleanly", launcher_code
+                f"(resume=true continues from the last checkpoint){went_on}"), stopped[0]["code"]
+    return f"job finished: every rank exited cleanly{went_on}", launcher_code
 
 
 def wait_for_final_words(

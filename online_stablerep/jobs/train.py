@@ -290,6 +290,11 @@ def run_job(cfg: Config) -> int:
             raise
         failure = f"input error: {err}"
     role = _role_name(cfg, rank, world, local)
+    if role == "generator" and cfg.roles.on_generator_loss == "continue":
+        from online_stablerep.jobs.supervise import is_worker, supervise
+
+        if not is_worker():
+            return supervise(cfg.output_dir, rank)  # this rank may then fail alone
     stop = StopRequest()
     stop.install(lambda name: console(
         f"received {name}: stopping at the next step (trainers save a checkpoint first)",

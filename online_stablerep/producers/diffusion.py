@@ -102,6 +102,8 @@ class DiffusionProducer:
                             "skipped (%s)", self.rank, ids[0], str(err).splitlines()[0])
                 return []
             self.retries += 1
+            log.warning("producer rank %d: out of memory on a call of %d captions: retrying in "
+                        "halves", self.rank, len(taken))
             half = len(taken) // 2
             return self._make(taken[:half]) + self._make(taken[half:])
         except NonFiniteImagesError as err:
