@@ -195,7 +195,8 @@ class Receiver:
         now = time.monotonic()
         self.first_loss_at = self.first_loss_at or now
         total = sum(self._images.values()) or 1
-        left = [g for g, s in self._state.items() if s not in proto.GONE]
+        left = [g for g, s in self._state.items()
+                if s not in proto.GONE and g not in self.lost and g not in dict(lost)]
         for g, text in lost:
             self.lost[g] = text
             self._outstanding[g] = 0
@@ -363,7 +364,7 @@ class Receiver:
                 values[f"gen/images_per_s/rank{g}"] = rate
                 total += rate
             values["gen/images_per_s"] = total
-            live = [g for g, s in self._state.items() if s not in proto.GONE]
+            live = [g for g, s in self._state.items() if s not in proto.GONE and g not in self.lost]
             values["gen/generators_live"] = float(len(live))
             values["gen/generators_lost"] = float(len(self.lost))
             values["gen/skipped_groups"] = float(sum(self._skipped.values()))
