@@ -341,3 +341,26 @@ def test_more_groups_than_credit_is_a_protocol_error_not_an_assert():
 def test_a_complete_cursor_without_its_after_state_is_a_protocol_error():
     with pytest.raises(ProtocolError):
         Cursor(3, 4, 4, {"p": 1}, None).resume_point()
+
+
+def test_a_straggler_is_measured_against_its_peers_median_and_named_once(capsys):
+    from types import SimpleNamespace
+
+    from online_stablerep.distributed.roles import Roles
+    from online_stablerep.replay import ReplayBuffer
+    from online_stablerep.transport.receiver import Receiver, rate_vs_peers
+
+    assert rate_vs_peers({1: 10.0, 2: 10.0, 3: 4.0}) == {1: 10 / 7, 2: 10 / 7, 3: 0.4}
+    assert rate_vs_peers({1: 5.0}) == {}
+    roles = Roles(world_size=4, num_generators=3)
+    groups = SimpleNamespace(rank=0, roles=roles, data_plane="data", control="control")
+    receiver = Receiver(groups, ReplayBuffer(8, 1), 4, timeout_s=10.0)
+    cursor = Cursor(1, 0, 1, {}).to_dict()
+    for g, rate in ((1, 10.0), (2, 9.0), (3, 3.0)):
+        receiver.deliver(g, [], {"cursor": cursor, "images_per_s": rate, "idle_fraction": 0.0,
+                                 "skipped": 2}, 0)
+    values = receiver.metrics()
+    assert values["gen/stragglers"] == 1 and values["gen/rate_vs_peers/rank3"] == 3.0 / 9.5
+    assert values["gen/skipped_groups"] == 6 and values["gen/generators_live"] == 3
+    receiver.metrics()  # the same straggler again: named once
+    assert capsys.readouterr().out.count("straggler: generator rank 3") == 1

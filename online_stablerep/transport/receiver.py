@@ -35,6 +35,17 @@ from online_stablerep.transport.protocol import Cursor, GenState
 from online_stablerep.transport.wire import unpack_groups
 
 
+def rate_vs_peers(rates: dict[int, float]) -> dict[int, float]:
+    """Each generator's rate over the median of its peers' rates (generators without peers, or
+    whose peers make nothing, are left out)."""
+    shares = {}
+    for g, rate in rates.items():
+        peers = [r for h, r in rates.items() if h != g]
+        if peers and statistics.median(peers) > 0:
+            shares[g] = rate / statistics.median(peers)
+    return shares
+
+
 class Receiver:
     """Feeds one trainer rank's replay buffer from every generator rank.
 
@@ -330,15 +341,9 @@ class Receiver:
         of its live peers', `gen/rate_vs_peers/rank{g}`, and `gen/stragglers`, the count below
         STRAGGLER_SHARE; the console names a straggler when the set changes."""
         rates = {g: self._made_rate[g] for g in live if g in self._made_rate}
-        values, slow = {}, []
-        for g, rate in rates.items():
-            peers = [r for h, r in rates.items() if h != g]
-            if not peers or statistics.median(peers) <= 0:
-                continue
-            share = rate / statistics.median(peers)
-            values[f"gen/rate_vs_peers/rank{g}"] = share
-            if share < self.STRAGGLER_SHARE:
-                slow.append(g)
+        shares = rate_vs_peers(rates)
+        values = {f"gen/rate_vs_peers/rank{g}": share for g, share in shares.items()}
+        slow = [g for g, share in shares.items() if share < self.STRAGGLER_SHARE]
         values["gen/stragglers"] = float(len(slow))
         if slow != self._stragglers and self._speaks:
             for g in sorted(set(slow) - set(self._stragglers)):
