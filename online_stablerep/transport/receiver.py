@@ -34,6 +34,9 @@ from online_stablerep.transport.messages import Kind, TransportError
 from online_stablerep.transport.protocol import Cursor, GenState
 from online_stablerep.transport.wire import unpack_groups
 
+# Seconds between retries of a failed receive from any generator (on_loss="continue").
+_RETRY_S = 0.2
+
 
 def rate_vs_peers(rates: dict[int, float]) -> dict[int, float]:
     """Each generator's rate over the median of its peers' rates (generators without peers, or
@@ -222,16 +225,27 @@ class Receiver:
 
     def _receive_loop(self) -> None:
         group, timeout = self.groups.data_plane, self.timeout_s
+        failing_since: float | None = None
         while True:
             with self._cond:
                 live = [g for g, s in self._state.items() if s in proto.LISTENING]
-            if not live:
+            if not live or self.error is not None:
                 return
             try:
                 src, kind, args = msg.recv_message(group, None, timeout)
+                failing_since = None
             except Exception as err:
-                self._fail(f"no message from generator ranks {live}: {msg.describe_failure(err)}")
-                return
+                # A receive from any generator fails when one of them dies mid-connection (a
+                # reset): which one, the control thread finds on its next send. Under
+                # "continue" the others may still be heard: retry for up to timeout_s.
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if self.on_loss == "stop" or now - failing_since > timeout:
+                    self._fail(f"no message from generator ranks {live}: "
+                               f"{msg.describe_failure(err)}")
+                    return
+                time.sleep(_RETRY_S)
+                continue
             try:
                 self._handle(src, kind, args)
             except Exception as err:
