@@ -54,6 +54,7 @@ print(json.dumps(failed))
 """
 
 
+@pytest.mark.slow
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-c", WRITERS, str(out)], capture_output=True,

@@ -317,15 +317,13 @@ def test_control_step_acknowledges_a_failure_and_stops_everyone_at_the_end():
 
 
 def test_a_lost_generator_ends_the_trainer_under_stop_and_only_the_last_under_continue():
-    one_left = {1: G.LOST, 2: G.STREAMING}
-    assert loss_verdict(one_left, "stop", [1]) == ""
-    assert loss_verdict(one_left, "continue", [1]) is None
-    assert loss_verdict(one_left, "continue", []) is None
-    none_left = {1: G.LOST, 2: G.FAILED}
-    assert "no generator left" in loss_verdict(none_left, "continue", [2])
-    assert "[1, 2]" in loss_verdict(none_left, "continue", [2])
-    # The others ended their streams: nothing more can come, so the loss ends it too.
-    assert loss_verdict({1: G.LOST, 2: G.CLOSED}, "continue", [1]) is not None
+    assert loss_verdict([1, 2], "stop", [1], {1}) == ""
+    assert loss_verdict([1, 2], "continue", [1], {1}) is None
+    assert loss_verdict([1, 2], "continue", [], set()) is None
+    last = loss_verdict([1, 2], "continue", [2], {1, 2})
+    assert "no generator left" in last and "[1, 2]" in last
+    # The other ended its stream cleanly: the trainers train on what they hold, then stop.
+    assert loss_verdict([1, 2], "continue", [1], {1}) is None
 
 
 def test_liveness_names_the_peers_silent_past_the_timeout():

@@ -174,19 +174,24 @@ def check_credit(src: int, groups: int, outstanding: int) -> None:
 GONE = frozenset({GenState.FAILED, GenState.LOST})
 
 
-def loss_verdict(states: dict[int, GenState], policy: str, lost: list[int]) -> str | None:
+def loss_verdict(generators: list[int], policy: str, lost: list[int],
+                 gone: set[int]) -> str | None:
     """Whether the generators just `lost` end this trainer: None to carry on, else why.
 
-    With `policy` "stop" any loss ends it; with "continue" only the loss of the last
-    generator that could still send (every generator gone or ended, some of them gone).
+    Args:
+        generators: every generator rank of the job.
+        policy: roles.on_generator_loss: with "stop" any loss ends the trainer; with
+            "continue" only the loss of the last one (every generator in `gone`). Generators
+            that ended their streams cleanly are not gone: when the rest are lost, the trainers
+            train on what they hold and stop as at the end of the stream.
+        gone: every generator lost so far, `lost` included.
     """
     if not lost:
         return None
     if policy == "stop":
         return ""  # the loss's own message says it all
-    if all(s in FINISHED for s in states.values()):
-        gone = sorted(g for g, s in states.items() if s in GONE)
-        return (f"no generator left to send groups (generator ranks {gone} lost; "
+    if set(generators) <= gone:
+        return (f"no generator left to send groups (generator ranks {sorted(gone)} lost; "
                 "roles.on_generator_loss=continue ends the job only then)")
     return None
 

@@ -198,7 +198,8 @@ class Receiver:
             for g, _ in lost:
                 if self._state[g] not in proto.GONE:
                     self._state[g] = proto.gen_lost(self._state[g])
-            verdict = proto.loss_verdict(self._state, self.on_loss, [g for g, _ in lost])
+            verdict = proto.loss_verdict(self.generators, self.on_loss, [g for g, _ in lost],
+                                         set(self.lost) | {g for g, _ in lost})
             if verdict is None:
                 self._record_loss(lost)
             else:
