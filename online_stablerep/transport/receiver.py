@@ -192,9 +192,10 @@ class Receiver:
         """Generators newly gone (lost, or FAIL received), each with why: under "stop" the
         first fails the trainer; under "continue" each is named and dropped, and only the loss
         of the last generator fails the trainer."""
-        if not lost:
-            return
         with self._cond:  # one lock section: a reader never sees the states without the error
+            lost = [(g, text) for g, text in lost if g not in self.lost]  # named once
+            if not lost:
+                return
             for g, _ in lost:
                 if self._state[g] not in proto.GONE:
                     self._state[g] = proto.gen_lost(self._state[g])
