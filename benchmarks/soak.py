@@ -1,17 +1,22 @@
 """Soak: the hybrid CPU demo through launch/train.sh for a long time, sampling every rank's
-resident memory and the trainer's replay-buffer size, to show that nothing grows.
+resident memory, open files, threads and shared memory and the trainer's replay-buffer size, to
+show that nothing grows and nothing is lost.
 
     python benchmarks/soak.py                    # one hour
     python benchmarks/soak.py --minutes 20       # shorter
 
 1. Starts `launch/train.sh` (config `cpu_demo`, train.steps large enough never to end) in a
    temporary output_dir; the ranks' last words (`output_dir/ranks/rankN.json`) give their PIDs.
-2. Every `--every` seconds: each rank's RSS (/proc/PID/status VmRSS), the trainer's newest
+2. Every `--every` seconds: each rank's resident memory (/proc/PID/status VmRSS), shared
+   memory (RssShmem), threads (Threads) and open files (/proc/PID/fd), the trainer's newest
    console figures (step, buffer groups).
 3. After `--minutes`, SIGTERM to the wrapper (the job's own stop path): every rank stops, the
-   trainer saves a checkpoint; the time that takes and the exit code are recorded.
-Growth per rank: median RSS of the last 20% of samples over the median of the first 20% after
-warm-up (the first `--warmup` minutes: model build, first checkpoint, buffer filling).
+   trainer saves a checkpoint; the time that takes and the exit code are recorded, and the
+   groups every generator sent are checked against those the trainers received ("nothing lost":
+   every group sent arrived, none was evicted unused).
+Growth per rank and figure: median of the last 20% of samples over the median of the first 20%
+after warm-up (the first `--warmup` minutes: model build, first checkpoint, buffer filling);
+`flat` says whether every figure of every rank stayed within 5%.
 Writes benchmarks/results/soak-<machine>.{json,csv} (+ .png with matplotlib).
 """
 
@@ -40,22 +45,31 @@ from tests.helpers import free_port
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 STEP = re.compile(r"train rank 0\] step (\d+)/\d+ .* buffer (\d+) ")
+SENT = re.compile(r"generator rank (\d+)\] sent (\d+) groups")
+RECEIVED = re.compile(r"train rank (\d+)\] received (\d+) groups in all .* (\d+) evicted unused")
+# What is sampled per rank: name -> (unit, how it is read from /proc/PID).
+FIGURES = ("rss_mb", "shmem_mb", "threads", "open_files")
+FLAT_PCT = 5.0
 
 
-def rss_mb(pid: int) -> float | None:
+def resources(pid: int) -> dict[str, float] | None:
+    """A rank's resident and shared memory (MB), threads and open files; None once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+        fields = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+                "shmem_mb": int(fields["RssShmem"].split()[0]) / 1024,
+                "threads": int(fields["Threads"]),
+                "open_files": len(os.listdir(f"/proc/{pid}/fd"))}
+    except (OSError, KeyError, ValueError):
         return None
-    return None
 
 
 def growth(values: list[float]) -> float:
-    """Median of the last fifth over the median of the first fifth, minus one."""
+    """Median of the last fifth over the median of the first fifth, minus one (0 for 0 to 0)."""
     fifth = max(1, len(values) // 5)
-    return statistics.median(values[-fifth:]) / statistics.median(values[:fifth]) - 1
+    first, last = statistics.median(values[:fifth]), statistics.median(values[-fifth:])
+    return 0.0 if first == last else last / first - 1 if first else float("inf")
 
 
 def plot(samples: list[dict], ranks: list[int], path: Path) -> bool:
@@ -66,12 +80,17 @@ def plot(samples: list[dict], ranks: list[int], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    labels = {"rss_mb": "resident (MB)", "shmem_mb": "shared mem (MB)", "threads": "threads",
+              "open_files": "open files"}
+    fig, axes = plt.subplots(len(FIGURES) + 1, 1, figsize=(8, 11), sharex=True)
     minutes = [s["t_s"] / 60 for s in samples]
-    for r in ranks:
-        top.plot(minutes, [s["rss_mb"].get(str(r)) for s in samples], label=f"rank {r}")
-    top.set_ylabel("resident memory (MB)")
-    top.legend()
+    for ax, figure in zip(axes, FIGURES, strict=False):
+        for r in ranks:
+            ax.plot(minutes, [(s["ranks"].get(str(r)) or {}).get(figure) for s in samples],
+                    label=f"rank {r}")
+        ax.set_ylabel(labels[figure])
+    axes[0].legend()
+    bottom = axes[-1]
     bottom.plot(minutes, [s["buffer_groups"] for s in samples])
     bottom.set_ylabel("buffer (groups)")
     bottom.set_xlabel("minutes")
@@ -86,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="minutes not counted")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--config", default="cpu_demo")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     parser.add_argument("overrides", nargs="*", help="extra key=value for the job")
     args = parser.parse_args(argv)
 
@@ -114,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                 step, buffer = map(int, found[-1])
                 samples.append({"t_s": round(time.monotonic() - start, 1), "step": step,
                                 "buffer_groups": buffer,
-                                "rss_mb": {str(r): rss_mb(pid) for r, pid in ranks.items()}})
+                                "ranks": {str(r): resources(pid) for r, pid in ranks.items()}})
                 print(f"{samples[-1]['t_s'] / 60:5.1f} min  step {step}  buffer {buffer}  "
-                      + "  ".join(f"rank{r} {v:.0f} MB" for r, v in samples[-1]["rss_mb"].items()
-                                  if v), flush=True)
+                      + "  ".join(f"rank{r} {v['rss_mb']:.0f} MB {v['threads']} threads "
+                                  f"{v['open_files']} files"
+                                  for r, v in samples[-1]["ranks"].items() if v), flush=True)
             time.sleep(args.every)
         # 3. Stop it the way a scheduler would.
         stop_at = time.monotonic()
@@ -128,29 +149,41 @@ def main(argv: list[str] | None = None) -> int:
         if job.poll() is None:
             job.kill()
     counted = [s for s in samples if s["t_s"] >= args.warmup * 60]
-    per_rank = {}
+    per_rank: dict[str, dict] = {}
     for r in sorted(ranks):
-        values = [s["rss_mb"][str(r)] for s in counted if s["rss_mb"].get(str(r))]
-        per_rank[f"rank{r}"] = {"first_mb": round(values[0], 1), "last_mb": round(values[-1], 1),
-                                "max_mb": round(max(values), 1),
-                                "growth_pct": round(100 * growth(values), 2)}
+        per_rank[f"rank{r}"] = {}
+        for figure in FIGURES:
+            values = [s["ranks"][str(r)][figure] for s in counted if s["ranks"].get(str(r))]
+            per_rank[f"rank{r}"][figure] = {
+                "first": round(values[0], 1), "last": round(values[-1], 1),
+                "max": round(max(values), 1), "growth_pct": round(100 * growth(values), 2)}
+    flat = all(abs(f["growth_pct"]) <= FLAT_PCT for r in per_rank.values() for f in r.values())
+    text = log.read_text()
+    sent = {int(r): int(n) for r, n in SENT.findall(text)}
+    received = {int(r): int(n) for r, n, _ in RECEIVED.findall(text)}
+    evicted = sum(int(e) for _, _, e in RECEIVED.findall(text))
     buffers = [s["buffer_groups"] for s in counted]
     summary = {
         "minutes": args.minutes, "warmup_minutes": args.warmup, "samples": len(counted),
         "steps": samples[-1]["step"] if samples else 0,
-        "rss": per_rank,
+        "resources": per_rank, f"flat_within_{FLAT_PCT:g}_pct": flat,
+        "groups_sent": sent, "groups_received": received, "evicted_unused": evicted,
+        "nothing_lost": bool(sent) and sum(sent.values()) == sum(received.values())
+        and evicted == 0,
         "buffer_groups": {"min": min(buffers), "max": max(buffers),
                           "median": statistics.median(buffers)} if buffers else {},
         "sigterm_exit_code": code, "sigterm_stop_s": round(stop_s, 1),
         "job_line": log.read_text().strip().splitlines()[-1],
     }
     rows = [{"t_s": s["t_s"], "step": s["step"], "buffer_groups": s["buffer_groups"],
-             **{f"rss_mb_rank{r}": s["rss_mb"].get(str(r)) for r in sorted(ranks)}}
+             **{f"{figure}_rank{r}": (s["ranks"].get(str(r)) or {}).get(figure)
+                for r in sorted(ranks) for figure in FIGURES}}
             for s in samples]
     device = torch.device("cpu")
     paths = write_results("soak", device, {"config": args.config, "overrides": overrides,
-                                           "every_s": args.every}, summary, rows)
-    png = RESULTS / f"soak-{machine_name(device)}.png"
+                                           "every_s": args.every}, summary, rows,
+                          out_dir=args.results)
+    png = args.results / f"soak-{machine_name(device)}.png"
     plotted = plot(samples, sorted(ranks), png)
     print(json.dumps(summary, indent=2))
     print(f"wrote {paths['json']}" + (f" and {png}" if plotted else " (no matplotlib: no plot)"))

@@ -98,40 +98,76 @@ fi
 # The launcher and every rank run in their own process group: SIGTERM or SIGINT to this script
 # (a pod stop, `kill $pid`, a scheduler's preemption, Ctrl-C) goes to all of them. Ranks stop at
 # their next step (trainers save a checkpoint first); after STOP_GRACE_S seconds whatever is left
-# is killed.
-# Each node clears only its own ranks' last words: nodes may share output_dir.
-if [[ -n "$output_dir" ]]; then
-  for ((r = node_rank * per_node; r < (node_rank + 1) * per_node; r++)); do
-    rm -f "$output_dir/ranks/rank$r.json"
-  done
-fi
-setsid "${launcher[@]}" --module online_stablerep.cli train --config "$config" ${overrides[@]+"${overrides[@]}"} &
-job=$!
-killer=""
+# is killed. The grace deadline is kept by this script's own wait loop, not by a helper process:
+# nothing of a stopped job outlives this script, and the group is killed only while it exists.
+#
+# RESTARTS=N restarts a failed job up to N times from its newest checkpoint (resume=true), after
+# a back-off doubling from RESTART_BACKOFF_S whole seconds (default 10, at most 300); never after a
+# clean finish or stop, a signal to this script, or bad input (exit code 2). Each restart and
+# its reason is printed and appended to output_dir/restarts.jsonl (jobs/restarts.py).
+restarts=${RESTARTS:-0}
+backoff=${RESTART_BACKOFF_S:-10}
+attempt=0
+signalled=""  # the exit code of the signal this script got (143: SIGTERM, 130: SIGINT)
+job=""
+deadline=""
 forward() {
-  trap '' TERM INT
-  kill -TERM -- "-$job" 2>/dev/null || true
-  (sleep "${STOP_GRACE_S:-60}"; kill -KILL -- "-$job" 2>/dev/null) &
-  killer=$!
+  signalled=${signalled:-$1}
+  if [[ -n "$job" && -z "$deadline" ]]; then
+    kill -TERM -- "-$job" 2>/dev/null || true
+    deadline=$((SECONDS + ${STOP_GRACE_S:-60}))
+  fi
 }
-trap forward TERM INT
-set +e
+trap 'forward 143' TERM
+trap 'forward 130' INT
+run_overrides=(${overrides[@]+"${overrides[@]}"})
 while true; do
+  # Each node clears only its own ranks' last words: nodes may share output_dir.
+  if [[ -n "$output_dir" ]]; then
+    for ((r = node_rank * per_node; r < (node_rank + 1) * per_node; r++)); do
+      rm -f "$output_dir/ranks/rank$r.json"
+    done
+  fi
+  deadline=""
+  setsid "${launcher[@]}" --module online_stablerep.cli train --config "$config" \
+    ${run_overrides[@]+"${run_overrides[@]}"} &
+  job=$!
+  if [[ -n "$signalled" ]]; then forward "$signalled"; fi  # one that came during the start
+  set +e
+  # The launcher may exit before its ranks (it dies on SIGTERM on one node): wait for the
+  # whole group (and for the launcher itself, whose group exists only once setsid ran). A
+  # signal interrupts only the short sleep, so the deadline is checked often.
+  while kill -0 "$job" 2>/dev/null || kill -0 -- "-$job" 2>/dev/null; do
+    if [[ -n "$deadline" && $SECONDS -ge $deadline ]]; then
+      kill -KILL -- "-$job" 2>/dev/null
+    fi
+    sleep 0.5
+  done
   wait "$job"
   code=$?
-  if ! kill -0 "$job" 2>/dev/null; then
-    wait "$job"
-    code=$?
+  # One line naming the rank that failed and its role, from the ranks' last words.
+  if [[ -z "$output_dir" ]]; then break; fi
+  # On several nodes each node's wrapper prints its own line (ranks of other nodes are read
+  # too when output_dir is shared).
+  "$PYTHON" -m online_stablerep.jobs.shutdown "$output_dir" --world "$world" --code "$code" \
+    --node-rank "$node_rank" --ranks-per-node "$per_node" --restarts "$restarts" \
+    --attempt "$attempt" --backoff-s "$backoff" ${signalled:+--signalled}
+  code=$?
+  if [[ $code -ne 75 ]]; then break; fi  # 75: jobs.restarts.RESTART_CODE, "restart me"
+  attempt=$((attempt + 1))
+  wait_s=$((backoff * 2 ** (attempt - 1)))  # jobs.restarts.backoff_s
+  if [[ $wait_s -gt 300 ]]; then wait_s=300; fi
+  job=""
+  for ((t = 0; t < wait_s * 2; t++)); do
+    if [[ -n "$signalled" ]]; then break; fi
+    sleep 0.5
+  done
+  if [[ -n "$signalled" ]]; then
+    echo "launch/train.sh: stopped during the back-off: not restarting" >&2
+    code=$signalled
     break
   fi
+  run_overrides=(${overrides[@]+"${overrides[@]}"} resume=true)
 done
-# The launcher may exit before its ranks (it dies on SIGTERM on one node): wait for the group.
-while kill -0 -- "-$job" 2>/dev/null; do sleep 0.5; done
-if [[ -n "$killer" ]]; then kill "$killer" 2>/dev/null; fi
-# One line naming the rank that failed and its role, from the ranks' last words.
 if [[ -n "${hostfile:-}" ]]; then rm -f "$hostfile"; fi
-# On several nodes each node's wrapper prints its own line (ranks of other nodes are read too
-# when output_dir is shared).
-if [[ -z "$output_dir" ]]; then exit "$code"; fi
-"$PYTHON" -m online_stablerep.jobs.shutdown "$output_dir" --world "$world" --code "$code" \
-  --node-rank "$node_rank" --ranks-per-node "$per_node"
+exit "$code"

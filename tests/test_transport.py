@@ -292,3 +292,38 @@ def test_resume_mid_call_redoes_the_call_and_drops_delivered_groups(tmp_path):
     got = received(job["results"], roles)
     assert as_counter(made + got) == as_counter(expected_records(cfg, roles))
     assert job["results"][0]["state"]["cursors"]["1"]["seq"] == 6  # 18 groups in 6 calls
+
+
+def continue_config() -> Config:
+    cfg = small_config(timeout_s=8.0)
+    cfg.procedural.num_categories = 60  # a stream long enough to be mid-run at the fault
+    cfg.roles.on_generator_loss = "continue"
+    cfg.roles.max_idle_after_loss = 1.0
+    return cfg
+
+
+@pytest.mark.parametrize("kind, code", [("kill", -signal.SIGKILL), ("raise", 1)])
+def test_with_continue_a_lost_generator_is_dropped_and_the_others_stream_arrives_whole(
+        tmp_path, kind, code):
+    cfg = continue_config()
+    roles = Roles.from_spec("2", 3)
+    job = run_job(tmp_path, "2", 3, cfg, {"fault": {"rank": 1, "kind": kind, "at_call": 3},
+                                          "step_s": 0.01})
+    assert job["codes"] == [0, code, 0], job["results"]
+    trainer = job["results"][0]
+    got = as_counter(received(job["results"], roles))
+    want = as_counter(expected_records(cfg, roles))
+    # The healthy generator's whole stream arrived once, intact; the lost one's first calls.
+    assert {k: n for k, n in got.items() if k[2] == 2} == {k: n for k, n in want.items()
+                                                           if k[2] == 2}
+    assert all(k in want for k in got) and 0 < sum(n for k, n in got.items() if k[2] == 1)
+    assert trainer["metrics"]["gen/generators_lost"] == 1
+    assert trainer["metrics"]["gen/live/rank1"] == 0 and trainer["metrics"]["gen/live/rank2"] == 1
+
+
+def test_with_continue_losing_every_generator_fails_the_trainer_naming_them(tmp_path):
+    cfg = continue_config()
+    cfg.roles.generators = "1"
+    job = run_job(tmp_path, "1", 2, cfg, {"fault": {"rank": 1, "kind": "kill", "at_call": 3}})
+    assert job["codes"] == [1, -signal.SIGKILL], job["results"]
+    assert "no generator left" in job["results"][0]["error"], job["results"][0]

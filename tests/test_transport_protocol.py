@@ -10,16 +10,21 @@ from online_stablerep.transport.protocol import (
     LISTENING,
     STOPPED,
     TALKING,
+    Act,
     Cursor,
     GenState,
     ProtocolError,
     TrainerState,
+    check_credit,
+    control_step,
     gen_lost,
     gen_on_message,
     gen_on_stop_sent,
     grant_credit,
+    loss_verdict,
     newer_cursor,
     pick_trainer,
+    silent_peers,
     trainer_lost,
     trainer_on_message,
     trainer_on_sent,
@@ -163,20 +168,23 @@ def test_idle_remote_credit_never_fills_the_room_at_scale():
 # ---- a trainer as a generator sees it -------------------------------------------------------
 
 
-@pytest.mark.parametrize("state, kind, reason, after", [
-    (T.WAITING, Kind.START, False, T.OPEN),
-    (T.WAITING, Kind.RESUME, False, T.OPEN),
-    (T.WAITING, Kind.STOP, False, T.CLOSED),  # stopped before it started: no END due
-    (T.OPEN, Kind.CREDIT, False, T.OPEN),
-    (T.OPEN, Kind.STOP, False, T.STOPPING),
-    (T.OPEN, Kind.STOP, True, T.ABORTED),
-    (T.DRAINED, Kind.STOP, False, T.CLOSED),
-    (T.DRAINED, Kind.START, False, T.DRAINED),  # a hello that crossed our FAIL
-    (T.LOST, Kind.STOP, False, T.CLOSED),
-    (T.CLOSED, Kind.KEEPALIVE, False, T.CLOSED),
+@pytest.mark.parametrize("state, kind, reason, after, acts", [
+    (T.WAITING, Kind.START, False, T.OPEN, (Act.HELLO,)),
+    (T.WAITING, Kind.RESUME, False, T.OPEN, (Act.HELLO,)),
+    # stopped before it started: no END due
+    (T.WAITING, Kind.STOP, False, T.CLOSED, (Act.DROP_CREDIT,)),
+    (T.OPEN, Kind.CREDIT, False, T.OPEN, (Act.CREDIT,)),
+    (T.OPEN, Kind.KEEPALIVE, False, T.OPEN, ()),
+    (T.OPEN, Kind.STOP, False, T.STOPPING, (Act.DROP_CREDIT, Act.END)),
+    (T.OPEN, Kind.STOP, True, T.ABORTED, (Act.DROP_CREDIT, Act.ABORT)),
+    (T.DRAINED, Kind.STOP, False, T.CLOSED, (Act.DROP_CREDIT,)),
+    (T.DRAINED, Kind.START, False, T.DRAINED, (Act.HELLO,)),  # a hello that crossed our FAIL
+    (T.LOST, Kind.STOP, False, T.CLOSED, (Act.DROP_CREDIT,)),
+    (T.CLOSED, Kind.KEEPALIVE, False, T.CLOSED, ()),
 ])
-def test_trainer_transitions_on_messages(state, kind, reason, after):
-    assert trainer_on_message(state, kind, reason) == after
+def test_trainer_transitions_on_messages_and_what_the_generator_does(state, kind, reason, after,
+                                                                     acts):
+    assert trainer_on_message(state, kind, reason) == (after, acts)
 
 
 @pytest.mark.parametrize("state, kind", [(T.OPEN, Kind.START), (T.OPEN, Kind.DATA),
@@ -268,3 +276,89 @@ def test_peers_on_other_nodes_are_pinged_less_often_but_well_inside_the_timeout(
     # Three pings per timeout at least, and never more often than a local peer's.
     for timeout in (4, 10, 20, 120, 600):
         assert keepalive_interval(timeout) <= remote_keepalive_interval(timeout) <= timeout / 3
+
+
+# ---- what the control thread sends, and when a generator is lost ------------------------------
+
+
+def step(states, now=10.0, stopping=False, reason=None, room=8, last_seen=None, started=0.0):
+    gens = list(states)
+    return control_step(
+        states, dict.fromkeys(gens, 0), room, per_generator=4, preferred=None,
+        last_seen=last_seen or dict.fromkeys(gens, now), last_sent=dict.fromkeys(gens, now),
+        every=dict.fromkeys(gens, 5.0), now=now, started_at=started, timeout_s=3.0,
+        startup_timeout_s=30.0, stopping=stopping, stop_reason=reason)
+
+
+def test_control_step_grants_credit_and_keeps_quiet_otherwise():
+    out = step({1: G.STREAMING, 2: G.STREAMING})
+    assert out.grants == {1: 4, 2: 4} and not out.lost and not out.done
+    assert out.sends == [(1, Kind.CREDIT, 4, b""), (2, Kind.CREDIT, 4, b"")]
+    assert step({1: G.STREAMING}, room=0).sends == []  # no room, keepalive not yet due
+
+
+def test_control_step_loses_a_silent_generator_and_one_warming_up_too_long():
+    out = step({1: G.STREAMING, 2: G.STREAMING}, last_seen={1: 10.0, 2: 6.0})
+    assert out.states == {1: G.STREAMING, 2: G.LOST}
+    assert [g for g, _ in out.lost] == [2] and "transport.timeout_s" in out.lost[0][1]
+    assert [g for g, *_ in out.sends] == [1]  # credit only to the live one
+    slow = step({1: G.WARMING}, now=40.0, started=0.0)
+    assert slow.states == {1: G.LOST} and "transport.startup_timeout_s" in slow.lost[0][1]
+
+
+def test_control_step_acknowledges_a_failure_and_stops_everyone_at_the_end():
+    out = step({1: G.FAILED, 2: G.STREAMING})
+    assert out.sends[0] == (1, Kind.STOP, 0, b"") and out.states[1] == G.CLOSED
+    end = step({1: G.STREAMING, 2: G.ENDED, 3: G.LOST}, stopping=True, reason="boom")
+    assert end.done and end.sends == [(1, Kind.STOP, 0, b"boom"), (2, Kind.STOP, 0, b"boom")]
+    assert end.states == {1: G.CLOSED, 2: G.CLOSED, 3: G.LOST}
+    clean = step({1: G.STREAMING}, stopping=True)
+    assert clean.states == {1: G.STOPPING}  # waits for its END
+
+
+def test_a_lost_generator_ends_the_trainer_under_stop_and_only_the_last_under_continue():
+    assert loss_verdict([1, 2], "stop", [1], {1}) == ""
+    assert loss_verdict([1, 2], "continue", [1], {1}) is None
+    assert loss_verdict([1, 2], "continue", [], set()) is None
+    last = loss_verdict([1, 2], "continue", [2], {1, 2})
+    assert "no generator left" in last and "[1, 2]" in last
+    # The other ended its stream cleanly: the trainers train on what they hold, then stop.
+    assert loss_verdict([1, 2], "continue", [1], {1}) is None
+
+
+def test_liveness_names_the_peers_silent_past_the_timeout():
+    assert silent_peers({1: 0.0, 2: 5.0, 3: 0.0}, [1, 2], now=6.0, timeout_s=4.0) == [1]
+
+
+def test_more_groups_than_credit_is_a_protocol_error_not_an_assert():
+    check_credit(2, 3, 3)
+    with pytest.raises(ProtocolError, match="generator rank 2 sent 4 groups on 3 credits"):
+        check_credit(2, 4, 3)
+
+
+def test_a_complete_cursor_without_its_after_state_is_a_protocol_error():
+    with pytest.raises(ProtocolError):
+        Cursor(3, 4, 4, {"p": 1}, None).resume_point()
+
+
+def test_a_straggler_is_measured_against_its_peers_median_and_named_once(capsys):
+    from types import SimpleNamespace
+
+    from online_stablerep.distributed.roles import Roles
+    from online_stablerep.replay import ReplayBuffer
+    from online_stablerep.transport.receiver import Receiver, rate_vs_peers
+
+    assert rate_vs_peers({1: 10.0, 2: 10.0, 3: 4.0}) == {1: 10 / 7, 2: 10 / 7, 3: 0.4}
+    assert rate_vs_peers({1: 5.0}) == {}
+    roles = Roles(world_size=4, num_generators=3)
+    groups = SimpleNamespace(rank=0, roles=roles, data_plane="data", control="control")
+    receiver = Receiver(groups, ReplayBuffer(8, 1), 4, timeout_s=10.0)
+    cursor = Cursor(1, 0, 1, {}).to_dict()
+    for g, rate in ((1, 10.0), (2, 9.0), (3, 3.0)):
+        receiver.deliver(g, [], {"cursor": cursor, "images_per_s": rate, "idle_fraction": 0.0,
+                                 "skipped": 2}, 0)
+    values = receiver.metrics()
+    assert values["gen/stragglers"] == 1 and values["gen/rate_vs_peers/rank3"] == 3.0 / 9.5
+    assert values["gen/skipped_groups"] == 6 and values["gen/generators_live"] == 3
+    receiver.metrics()  # the same straggler again: named once
+    assert capsys.readouterr().out.count("straggler: generator rank 3") == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from online_stablerep import atomic
 from online_stablerep.config.recipes import recipe_levers
 from online_stablerep.config.schema import Config
 from online_stablerep.config.validate import ConfigError, validate
@@ -101,6 +102,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic.write_text(path, to_yaml(cfg))

@@ -145,6 +145,9 @@ class TrainConfig:
     log_every: int = 50
     # Save a checkpoint every this many steps (0 = only at the end).
     checkpoint_every: int = 5000
+    # Also save a checkpoint once this many minutes passed since the last one (0 = off): the
+    # work a crash loses is bounded in time, whatever a step costs. Trainer ranks agree on it.
+    checkpoint_every_minutes: float = 0.0
     # Keep this many newest checkpoints.
     keep_checkpoints: int = 2
     # Write an image grid of received caption groups every this many steps (0 = never).
@@ -298,6 +301,13 @@ class RolesConfig:
     # Generator ranks in the job: a total count ("2") or a count per node ("1/node");
     # "0" is colocated mode where every rank trains and runs its own producer.
     generators: str = "0"
+    # What losing a generator rank (its process dies, it fails, or it falls silent past
+    # transport.timeout_s) does: "stop" ends the job; "continue" names it and trains on with the
+    # others (docs/restarts.md). Losing a trainer always ends the job.
+    on_generator_loss: str = "stop"
+    # With on_generator_loss=continue: a trainer idle more than this share of the time since a
+    # generator was lost ends the job (too few generators left); 1.0 = only when none is left.
+    max_idle_after_loss: float = 0.9
 
 
 @dataclass

@@ -117,6 +117,7 @@ def validate(cfg: Config) -> None:
     _one_of(t.zero_stage, "train.zero_stage", (0, 1))
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    _require(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _require(t.image_grid_every >= 0, "train.image_grid_every", "must be >= 0")
     _one_of(t.on_nonfinite, "train.on_nonfinite", ("stop", "skip"))
@@ -165,6 +166,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.transport.collective_timeout_s > 0, "transport.collective_timeout_s",
              "must be > 0")
     parse_generators(cfg.roles.generators)
+    _one_of(cfg.roles.on_generator_loss, "roles.on_generator_loss", ("stop", "continue"))
+    _require(0 < cfg.roles.max_idle_after_loss <= 1, "roles.max_idle_after_loss",
+             "must be in (0, 1]")
 
     _require(cfg.plan.gen_images_per_s >= 0 and cfg.plan.train_images_per_s >= 0,
              "plan.gen_images_per_s", "rates must be >= 0")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from online_stablerep import atomic
 from online_stablerep.config.schema import Config
 from online_stablerep.eval.datasets import probe_data
 from online_stablerep.eval.features import CROP_FRACTION, Encoder, extract_features_multi
@@ -100,7 +101,5 @@ def write_probe_json(results: Mapping[str, Mapping[str, float]], path: str | Pat
     summary["encoders"] = {name: dict(values) for name, values in results.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(summary, indent=2) + "\n")
     return summary

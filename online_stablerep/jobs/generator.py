@@ -50,6 +50,7 @@ def run_generator(
     link = GeneratorLink(groups, cfg.transport.timeout_s, cfg.transport.startup_timeout_s)
     link.interrupt = stop
     sent: list[list[int]] = []  # (caption_id, epoch, rank) of every group sent (train.audit)
+    totals = {"groups": 0, "images": 0}  # sent, for the closing line (benchmarks/soak.py)
     producer: Producer | None = None
     try:
         producer = make_producer()
@@ -63,6 +64,9 @@ def run_generator(
             console(f"resuming the caption stream after call {cursor.seq} "
                     f"(group {cursor.end} of {cursor.length})", role="generator", rank=rank)
         producer.start()
+        # Groups the producer gave up after a recoverable error (out of memory, non-finite
+        # images), by cause: only the diffusion producer has such errors to recover from.
+        skipped: dict[str, int] = getattr(producer, "skipped", {})
         t0 = last_log = time.monotonic()
         images = 0
         while True:
@@ -92,19 +96,25 @@ def run_generator(
                 trainer, count = taken
                 part = made[offset : offset + count]
                 offset += count
-                sent.extend([g.caption_id, g.epoch, g.producer_rank] for g in part)
+                if cfg.train.audit:
+                    sent.extend([g.caption_id, g.epoch, g.producer_rank] for g in part)
+                totals["groups"] += len(part)
+                totals["images"] += sum(g.num_images for g in part)
                 elapsed = max(time.monotonic() - t0, 1e-9)
                 cursor = Cursor(seq, offset, len(made), before,
                                 after if offset == len(made) else None)
                 link.send(trainer, part, {"cursor": cursor.to_dict(),
                                           "images_per_s": images / elapsed,
-                                          "idle_fraction": link.idle_s / elapsed})
+                                          "idle_fraction": link.idle_s / elapsed,
+                                          "skipped": sum(skipped.values())})
             # 4. A console line every so often.
             now = time.monotonic()
             if now - last_log >= LOG_EVERY_S:
                 elapsed = now - t0
                 console(f"{images / elapsed:.1f} img/s, idle {link.idle_s / elapsed:.0%} "
-                        f"(waiting for credit), {images} images", role="generator", rank=rank)
+                        f"(waiting for credit), {images} images"
+                        + (f", groups skipped after errors: {skipped}" if any(skipped.values())
+                           else ""), role="generator", rank=rank)
                 last_log = now
         console("every trainer stopped: exiting", role="generator", rank=rank)
         link.close()
@@ -113,6 +123,8 @@ def run_generator(
         link.fail(f"{type(err).__name__}: {err}")
         raise
     finally:
+        console(f"sent {totals['groups']} groups ({totals['images']} images) in all",
+                role="generator", rank=rank)
         if producer is not None:
             producer.close()
         if cfg.train.audit:

@@ -18,6 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from online_stablerep import atomic
+from online_stablerep.jobs.restarts import (
+    RESTART_CODE,
+    RESTARTS_FILE,
+    backoff_s,
+    record_restart,
+    restart_refusal,
+)
+
 RANKS_DIR = "ranks"
 
 
@@ -59,8 +68,9 @@ def last_word_path(output_dir: str | Path, rank: int) -> Path:
 
 def write_last_word(output_dir: str | Path, rank: int, role: str, status: str, reason: str = "",
                     cause: str = "", code: int = 0) -> None:
-    """Record this rank's state: status is running, finished, stopped (by a signal, cleanly) or
-    failed; cause is "own" (this rank's error) or "peer" (another rank failed or vanished).
+    """Record this rank's state: status is running, finished, stopped (by a signal, cleanly),
+    failed, or lost (a generator gone while the job went on: roles.on_generator_loss=continue);
+    cause is "own" (this rank's error) or "peer" (another rank failed or vanished).
     Never raises: a rank that cannot write (a bad output_dir) still exits with its code."""
     word = {"rank": rank, "role": role, "status": status, "reason": reason, "cause": cause,
             "code": code, "pid": os.getpid(), "time": time.time()}
@@ -72,9 +82,7 @@ def _store(output_dir: str | Path, word: dict[str, Any]) -> bool:
     path = last_word_path(output_dir, word["rank"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(word))
-        tmp.replace(path)
+        atomic.write_text(path, json.dumps(word))
     except OSError:
         return False
     return True
@@ -140,11 +148,14 @@ def summarize(
     if failed:
         w = final[failed[0]]
         return f"job failed: rank {failed[0]} ({w['role']}) failed: {w['reason']}", w["code"] or 1
+    lost = [r for r, w in final.items() if w["status"] == "lost"]
+    went_on = "".join(f"; generator rank {r} was lost on the way ({final[r]['reason']}) and the "
+                      "job went on (roles.on_generator_loss=continue)" for r in lost)
     stopped = [w for w in final.values() if w["status"] == "stopped"]
     if stopped:
         return (f"job stopped: {stopped[0]['reason']}; every rank stopped cleanly "
-                "(resume=true continues from the last checkpoint)"), stopped[0]["code"]
-    return "job finished: every rank exited cleanly", launcher_code
+                f"(resume=true continues from the last checkpoint){went_on}"), stopped[0]["code"]
+    return f"job finished: every rank exited cleanly{went_on}", launcher_code
 
 
 def wait_for_final_words(
@@ -177,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="ranks this node's launcher started (0: the whole world)")
     parser.add_argument("--wait-s", type=float, default=10.0,
                         help="how long to wait for other nodes' ranks to write a final word")
+    parser.add_argument("--restarts", type=int, default=0,
+                        help="restarts allowed (RESTARTS): a failed job that may be restarted "
+                        f"is recorded in restarts.jsonl and the exit code is {RESTART_CODE}")
+    parser.add_argument("--attempt", type=int, default=0, help="restarts already made")
+    parser.add_argument("--backoff-s", type=float, default=10.0,
+                        help="base of the doubling back-off before a restart")
+    parser.add_argument("--signalled", action="store_true",
+                        help="the wrapper got SIGTERM or SIGINT: never restart")
     args = parser.parse_args(argv)
     per_node = args.ranks_per_node or args.world
     local = range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
@@ -184,6 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     words = wait_for_final_words(args.output_dir, args.world, local, args.wait_s)
     line, code = summarize(words, args.code, local)
     print(line, file=sys.stderr if code else sys.stdout, flush=True)
+    refusal = restart_refusal(line, code, args.signalled, args.attempt, args.restarts)
+    if refusal is None:
+        attempt = args.attempt + 1
+        wait_s = backoff_s(attempt, args.backoff_s)
+        record_restart(args.output_dir, attempt, args.restarts, line, code, wait_s)
+        print(f"restarting the job from its newest checkpoint in {wait_s:g} s (restart "
+              f"{attempt} of {args.restarts}; recorded in {RESTARTS_FILE})", file=sys.stderr,
+              flush=True)
+        return RESTART_CODE
+    if args.restarts and refusal and line.startswith("job failed"):
+        print(f"not restarting: {refusal}", file=sys.stderr, flush=True)
     return code
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from online_stablerep import atomic
 from online_stablerep.config import Config, ConfigError, save_config
 from online_stablerep.config.schedule import Schedule, reuse_line
 from online_stablerep.config.validate import real_groups_per_batch, resolved_min_pool
@@ -209,7 +210,7 @@ def _write_summary(cfg: Config, result: TrainResult) -> None:
         "last_loss": result.losses[-1] if result.losses else None,
         "losses": result.losses,
     }
-    (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_text(Path(cfg.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
 
 
 def _run_generator(
@@ -295,6 +296,11 @@ def run_job(cfg: Config) -> int:
             raise
         failure = f"input error: {err}"
     role = _role_name(cfg, rank, world, local)
+    if role == "generator" and cfg.roles.on_generator_loss == "continue":
+        from online_stablerep.jobs.supervise import is_worker, supervise
+
+        if not is_worker():
+            return supervise(cfg.output_dir, rank)  # this rank may then fail alone
     stop = StopRequest()
     stop.install(lambda name: console(
         f"received {name}: stopping at the next step (trainers save a checkpoint first)",

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from online_stablerep.config.schema import GeneratorConfig
+from online_stablerep.faults import injected
 from online_stablerep.producers.pipeline import Components
 
 # channels_last convolutions silently return zeros when a tensor has 2^31 elements or more.
@@ -108,6 +109,20 @@ def plan_steps(steps: int, guidance_interval: tuple[float, float] = (0.0, 1.0),
     return kinds
 
 
+class NonFiniteImagesError(RuntimeError):
+    """Some captions' images came out NaN or infinite.
+
+    Attributes:
+        images: (n, k, 3, H, W) uint8, the call's images (those of `bad` are meaningless).
+        bad: indices of the captions whose images are not finite.
+    """
+
+    def __init__(self, images: torch.Tensor, bad: list[int]) -> None:
+        super().__init__(f"non-finite images for captions {bad} of the call")
+        self.images = images
+        self.bad = bad
+
+
 class Sampler:
     """Turns captions into uint8 image groups with the given components.
 
@@ -131,6 +146,7 @@ class Sampler:
         assert deep_cache_every == 1 or components.deep_cache, "DeepCache needs DeepCacheUNets"
         self.c = components
         self.steps = steps
+        self.faults = injected()
         self.vae_decode_chunk = vae_decode_chunk
         self.guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
         self.base_steps = base_steps
@@ -286,8 +302,16 @@ class Sampler:
         latents = self.denoise(noise, cond, pooled, guidance_b, generators)
         images = self.decode(latents)
         with torch.inference_mode():
+            for i, (_, caption_id) in enumerate(caption_keys):
+                if caption_id == self.faults.nonfinite_caption:  # tests only
+                    images[i * k:(i + 1) * k] = float("nan")
+            # A diverged sample (NaN or inf) would turn into an arbitrary uint8 image.
+            finite = torch.isfinite(images.reshape(n, -1)).all(dim=1).tolist()
             if images.shape[-1] != output_size:
                 images = F.interpolate(images, size=(output_size, output_size), mode="bilinear",
                                        antialias=True, align_corners=False)
-            images = (images * 255).round_().to(torch.uint8)
-        return images.view(n, k, 3, output_size, output_size)
+            images = (images.nan_to_num(0.0) * 255).round_().to(torch.uint8)
+        images = images.view(n, k, 3, output_size, output_size)
+        if not all(finite):
+            raise NonFiniteImagesError(images, [i for i, ok in enumerate(finite) if not ok])
+        return images

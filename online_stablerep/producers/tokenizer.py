@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from online_stablerep import atomic
+
 # CLIP's vocabulary: 256 byte tokens + 256 end-of-word byte tokens + 48,894 merges + 2 specials.
 CLIP_VOCAB_SIZE = 49408
 # Text tokens CLIP's text encoders attend over (start and end tokens included).
@@ -61,13 +63,11 @@ def _write_vocab_files(cache_dir: Path) -> None:
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Written under temporary names and renamed so concurrent ranks never read half a file.
-    pid = os.getpid()
-    vocab_tmp = cache_dir / f"vocab.json.{pid}.tmp"
-    merges_tmp = cache_dir / f"merges.txt.{pid}.tmp"
-    vocab_tmp.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    merges_tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    vocab_tmp.replace(cache_dir / "vocab.json")
-    merges_tmp.replace(cache_dir / "merges.txt")
+    suffix = f".{os.getpid()}.tmp"
+    atomic.write_text(cache_dir / "vocab.json", json.dumps({t: i for i, t in enumerate(tokens)}),
+                      suffix)
+    atomic.write_text(cache_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n",
+                      suffix)
 
 
 def check_vocab_size(tokenizer: CLIPTokenizer, expected: int, source: str) -> None:

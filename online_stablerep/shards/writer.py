@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from online_stablerep.atomic import atomic_path
 from online_stablerep.records import CaptionGroup
 from online_stablerep.shards.format import (
     ShardError,
@@ -64,15 +65,12 @@ def index_path(shard: Path) -> Path:
 def write_key_index(shard: Path, keys: list[str]) -> None:
     """Write `shard`'s key index (tmp, fsync, rename). Best effort: without it a resume scans
     the shard's headers instead, so a failure to write it (a full disk) is not an error."""
-    path = index_path(shard)
-    part = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), atomic_path(index_path(shard)) as part:
         with part.open("w") as f:
             f.write(f"{_INDEX_HEADER} size={shard.stat().st_size} count={len(keys)}\n")
             f.writelines(f"{key}\n" for key in keys)
             f.flush()
             os.fsync(f.fileno())
-        part.rename(path)
 
 
 def read_key_index(shard: Path) -> list[str] | None:
@@ -160,14 +158,12 @@ class ShardWriter:
     def _salvage(self, tmp: Path, final: Path) -> None:
         samples = [(k, f) for k, f in iter_samples(tmp, complete_only=True) if k not in self.keys]
         if samples and not final.exists():
-            part = final.with_name(final.name + ".salvage")
-            with part.open("wb") as f:
+            with atomic_path(final, ".salvage") as part, part.open("wb") as f:
                 with tarfile.open(fileobj=f, mode="w") as tar:
                     for key, fields in samples:
                         add_sample(tar, key, fields, time.time())
                 f.flush()
                 os.fsync(f.fileno())
-            part.rename(final)
             write_key_index(final, [k for k, _ in samples])
             self.keys.update(k for k, _ in samples)
             self.recovered += len(samples)

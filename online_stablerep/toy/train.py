@@ -31,6 +31,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusio
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from online_stablerep.atomic import atomic_path
 from online_stablerep.fractals import HELD_OUT_INDEX_OFFSET
 from online_stablerep.producers.pipeline import Components
 from online_stablerep.producers.sampling import Sampler
@@ -207,22 +208,21 @@ def save_folder(out: Path, unet: torch.nn.Module, vae: torch.nn.Module,
                 text_encoder: torch.nn.Module, tokenizer: Any, classifier: CategoryClassifier,
                 record: dict[str, Any]) -> None:
     """Write the diffusers folder (fp16 weights) and the side files, replacing `out` whole."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(),
         tokenizer=tokenizer, unet=copy.deepcopy(unet).half(),
         scheduler=DPMSolverMultistepScheduler.from_config(TOY_SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(partial, safe_serialization=True)
-    save_file({k: (v.half() if v.is_floating_point() else v).contiguous()
-               for k, v in classifier.state_dict().items()},
-              partial / "classifier.safetensors")
-    (partial / "toy_training.json").write_text(json.dumps(record, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    with atomic_path(out, ".partial") as partial:
+        shutil.rmtree(partial, ignore_errors=True)
+        pipe.save_pretrained(partial, safe_serialization=True)
+        save_file({k: (v.half() if v.is_floating_point() else v).contiguous()
+                   for k, v in classifier.state_dict().items()},
+                  partial / "classifier.safetensors")
+        (partial / "toy_training.json").write_text(json.dumps(record, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
 
 
 def train_toy_generator(cfg: ToyTrainConfig) -> dict[str, Any]:

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from online_stablerep.atomic import atomic_path
 from online_stablerep.distributed.env import get_rank, get_world_size
+from online_stablerep.faults import injected
 
 CHECKPOINT_DIR = "checkpoints"
 # A checkpoint folder, or what a save leaves behind when killed: the folder being written
@@ -148,9 +150,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".part")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path, ".part") as tmp:
+        torch.save(obj, tmp)
 
 
 def _disk_full(err: BaseException) -> bool:
@@ -198,6 +199,7 @@ def save_checkpoint(
     root = checkpoint_root(output_dir)
     final = _step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
+    written = False  # meta.json is in the folder: a complete checkpoint, even before its rename
     try:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -207,12 +209,14 @@ def save_checkpoint(
             assert model_state is not None
             _atomic_torch_save(model_state, tmp / "model.pt")
         _atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
+        time.sleep(injected().checkpoint_delay_s)  # tests only: a slow disk
         _barrier(group, timeout_s)
         if rank == 0:
             # 1. The manifest goes last: a folder with meta.json is complete.
             info = {"step": step, "trainer_ranks": get_world_size(group), "time": time.time(),
                     **(meta or {}), "files": _manifest(tmp)}
             (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+            written = True
             # 2. A re-save of the same step moves the complete copy aside until the new one is
             # in place, so some complete copy exists at every moment.
             old = final.with_name(final.name + ".old")
@@ -222,10 +226,13 @@ def save_checkpoint(
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
             _prune(root, keep)
-    except (OSError, RuntimeError) as err:
+    except BaseException as err:
+        # Whatever failed (a full disk, a peer missing at the barrier, a signal), the partial
+        # folder goes: a save that did not write its manifest is no checkpoint.
+        if (rank == 0 or _disk_full(err)) and not written:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not _disk_full(err):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"cannot write checkpoint {tmp}: no space left on device (removed the partial "
             "folder; free space or lower train.keep_checkpoints, then resume=true)"

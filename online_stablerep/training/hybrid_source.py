@@ -9,6 +9,7 @@ from typing import Any
 
 from online_stablerep.config.schema import Config
 from online_stablerep.distributed.groups import JobGroups
+from online_stablerep.monitoring.metrics import console
 from online_stablerep.records import TrainBatch
 from online_stablerep.replay import ReplayBuffer
 from online_stablerep.transport.messages import TransportError
@@ -31,11 +32,15 @@ class HybridSource:
         k: views per caption group.
         timeout_s: a batch wait with no new group for this long fails with a TransportError.
         startup_timeout_s: the same while some generator is still warming up.
+        max_idle_after_loss: once a generator was lost (roles.on_generator_loss=continue), the
+            trainer fails when it waited more than this share of the time since the loss
+            (measured over at least `timeout_s`): too few generators are left to feed it.
     """
 
     def __init__(
         self, buffer: ReplayBuffer, receiver: Receiver, n: int, k: int, timeout_s: float,
         startup_timeout_s: float | None = None, stop: threading.Event | None = None,
+        max_idle_after_loss: float = 1.0,
     ) -> None:
         self.buffer = buffer
         # Set by SIGTERM/SIGINT: a waiting next_batch returns None so the trainer can stop.
@@ -46,10 +51,26 @@ class HybridSource:
         self.timeout_s = timeout_s
         self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self._idle_s = 0.0
+        self.max_idle_after_loss = max_idle_after_loss
+        self._idle_at_loss: float | None = None  # idle seconds when the first loss was seen
 
     def _check(self) -> None:
         if self.receiver.error is not None:
             raise self.receiver.error
+        lost_at = self.receiver.first_loss_at
+        if lost_at is None:
+            return
+        if self._idle_at_loss is None:
+            self._idle_at_loss = self._idle_s
+        since = time.monotonic() - lost_at
+        idle = self._idle_s - self._idle_at_loss
+        if since >= self.timeout_s and idle / since > self.max_idle_after_loss:
+            raise TransportError(
+                f"trainer rank {self.receiver.rank}: idle {idle / since:.0%} of the {since:.0f} s "
+                f"since generator ranks {sorted(self.receiver.lost)} were lost, above "
+                f"roles.max_idle_after_loss={self.max_idle_after_loss:g}: too few generators "
+                "left to feed the trainers"
+            )
 
     def next_batch(self) -> TrainBatch | None:
         """The next batch; None once every generator ended and the buffer cannot fill one.
@@ -131,6 +152,10 @@ class HybridSource:
         error = self.receiver.error
         self.receiver.stop(reason=None if error is None else str(error))
         self.buffer.close()
+        counts = self.receiver.counters()["groups"]
+        console(f"received {sum(counts.values())} groups in all ({counts} by generator rank; "
+                f"{self.buffer.counters()['evicted_unused']} evicted unused)",
+                rank=self.receiver.rank)
 
 
 def build_hybrid_source(
@@ -140,6 +165,8 @@ def build_hybrid_source(
     """The HybridSource of this trainer rank, from `transport.*` and `batch.*`; `n` generated
     groups per batch (default batch.captions_per_batch)."""
     t = cfg.transport
-    receiver = Receiver(groups, buffer, t.credits_per_generator, t.timeout_s, t.startup_timeout_s)
+    receiver = Receiver(groups, buffer, t.credits_per_generator, t.timeout_s, t.startup_timeout_s,
+                        on_loss=cfg.roles.on_generator_loss)
     return HybridSource(buffer, receiver, n or cfg.batch.captions_per_batch,
-                        cfg.batch.views_per_caption, t.timeout_s, t.startup_timeout_s, stop)
+                        cfg.batch.views_per_caption, t.timeout_s, t.startup_timeout_s, stop,
+                        max_idle_after_loss=cfg.roles.max_idle_after_loss)

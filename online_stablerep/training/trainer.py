@@ -167,6 +167,8 @@ class Trainer:
             # needs it: its reduce fills the optimizer's gradient partitions.
             self.engine.enable_backward_allreduce = False
         self.step = 0
+        # When the last checkpoint was written, or fit() began (train.checkpoint_every_minutes).
+        self._saved_at = time.monotonic()
         self.losses: list[float] = []
         # (step, global mean loss on the device) not yet read back: see _flush_losses.
         self._pending: list[tuple[int, torch.Tensor]] = []
@@ -197,10 +199,18 @@ class Trainer:
 
     def save(self) -> Path:
         model_state = self.engine.module.state_dict() if self.rank == 0 else None
-        return ckpt.save_checkpoint(
+        t0, received0 = time.monotonic(), self.source.buffer.counters()["groups_added"]
+        path = ckpt.save_checkpoint(
             self.cfg.output_dir, self.step, model_state, self._rank_state(), self.group,
             keep=self.cfg.train.keep_checkpoints, timeout_s=self.cfg.transport.collective_timeout_s,
         )
+        self._saved_at = time.monotonic()
+        if self.rank == 0:
+            # Generation goes on while a checkpoint is written: say how much arrived meanwhile.
+            received = self.source.buffer.counters()["groups_added"] - received0
+            console(f"checkpoint {path.name} written in {self._saved_at - t0:.1f} s "
+                    f"({received} groups received meanwhile)", rank=self.global_rank)
+        return path
 
     def _load_optimizer(self, optimizer_state: dict[str, Any]) -> None:
         optimizer = self.engine.optimizer
@@ -274,16 +284,17 @@ class Trainer:
         text_ids = caption_ids[: batch.captions_per_batch] if text_tokens is not None else None
         return self.loss_fn(outputs, caption_ids, text_caption_ids=text_ids)
 
-    def _agree(self, have: bool, stop: bool) -> tuple[bool, bool]:
-        """(every trainer rank has a batch, some trainer rank was asked to stop), in one
-        all-reduce: the stream may end or a signal arrive on one rank first, and a rank that
-        went on alone would wait forever in the gradient all-reduce."""
+    def _agree(self, have: bool, stop: bool, due: bool) -> tuple[bool, bool, bool]:
+        """(every trainer rank has a batch, some trainer rank was asked to stop, some trainer
+        rank's clock says a checkpoint is due), in one all-reduce: the stream may end, a signal
+        arrive or the time pass on one rank first, and a rank that went on alone would wait
+        forever in the gradient all-reduce (or save alone at the checkpoint barrier)."""
         if self.world == 1:
-            return have, stop
+            return have, stop, due
         # Host flags over the gloo trainer group: no wait for the device's queued work.
-        flags = torch.tensor([float(have), float(not stop)])
+        flags = torch.tensor([float(have), float(not stop), float(not due)])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.groups.trainer_host)
-        return bool(flags[0]), not bool(flags[1])
+        return bool(flags[0]), not bool(flags[1]), not bool(flags[2])
 
     def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of a scalar over the trainer group, left on the device (no host sync)."""
@@ -368,13 +379,18 @@ class Trainer:
         skipped = 0
         t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
         end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+        # Lost work bounded in time: a checkpoint at the first step that ends past this many
+        # seconds since the last one (so at most every_s + one step + one save is redone).
+        every_s = cfg.checkpoint_every_minutes * 60
+        self._saved_at = time.monotonic()
         if end < cfg.steps:
             stopped = f"stop_after={cfg.stop_after}"
         while self.step < end:
             # 1. Batch of n caption groups x k views (None: the caption stream ended).
             batch = self.source.next_batch()
             signalled = self.stop is not None and self.stop.is_set()
-            have, stop = self._agree(batch is not None and not signalled, signalled)
+            due = every_s > 0 and time.monotonic() - self._saved_at >= every_s
+            have, stop, due = self._agree(batch is not None and not signalled, signalled, due)
             if not have:
                 stopped = "stopped by a signal" if stop else "stream ended"
                 break
@@ -410,7 +426,7 @@ class Trainer:
                 t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
             if self.rank == 0 and cfg.image_grid_every and self.step % cfg.image_grid_every == 0:
                 self._grid(batch)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            if due or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self._flush_losses()
                 last_ckpt = self.save()
         self._flush_losses()

@@ -12,6 +12,13 @@ A generator, as a trainer sees it (GenState):
     any live --aborting STOP sent--> CLOSED
     any live --silent for timeout_s, or a connection error--> LOST
 
+What the threads do is decided here too: `control_step` returns, from one look at the
+generators, what the trainer's control thread sends (credit, keepalives, STOP) and which
+generators it now counts as lost; `loss_verdict` says whether a lost generator ends the trainer
+(`roles.on_generator_loss`); `trainer_on_message` returns what a generator does with a trainer's
+message besides changing its state (add credit, queue END, abort). Liveness (who is silent past
+the time-out, whose keepalive is due) is computed here from the times the threads record.
+
 A trainer, as a generator sees it (TrainerState):
 
     WAITING --START / RESUME--> OPEN ; WAITING --STOP--> CLOSED (nothing was sent: no END due)
@@ -24,14 +31,14 @@ A trainer, as a generator sees it (TrainerState):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from online_stablerep.transport.messages import Kind
 
 
 class ProtocolError(RuntimeError):
-    """A peer sent a message its state does not allow."""
+    """A peer sent a message its state does not allow (or more groups than its credit)."""
 
 
 # ---- the cursor record -----------------------------------------------------------------------
@@ -71,9 +78,14 @@ class Cursor:
 
     def resume_point(self) -> tuple[dict[str, Any], int, int]:
         """(producer state to load, calls already made, groups of the next call to drop): after
-        the call if it was fully delivered, else redo it and drop what was delivered."""
+        the call if it was fully delivered, else redo it and drop what was delivered.
+
+        Raises:
+            ProtocolError: a complete call's record without the state after it.
+        """
         if self.complete:
-            assert self.after is not None
+            if self.after is None:  # the record came from a peer or a checkpoint
+                raise ProtocolError(f"cursor of call {self.seq}: complete but no state after it")
             return self.after, self.seq, 0
         return self.before, self.seq - 1, self.end
 
@@ -147,6 +159,121 @@ def gen_lost(state: GenState) -> GenState:
     return state if state == GenState.CLOSED else GenState.LOST
 
 
+def check_credit(src: int, groups: int, outstanding: int) -> None:
+    """A DATA message of `groups` groups from generator `src` holding `outstanding` credit.
+
+    Raises:
+        ProtocolError: it sent more than its credit (a trainer's buffer bound would break).
+    """
+    if groups > outstanding:
+        raise ProtocolError(f"generator rank {src} sent {groups} groups on {outstanding} credits")
+
+
+# Generator losses a trainer survives with roles.on_generator_loss=continue: the states of a
+# generator that is gone without ending its stream.
+GONE = frozenset({GenState.FAILED, GenState.LOST})
+
+
+def loss_verdict(generators: list[int], policy: str, lost: list[int],
+                 gone: set[int]) -> str | None:
+    """Whether the generators just `lost` end this trainer: None to carry on, else why.
+
+    Args:
+        generators: every generator rank of the job.
+        policy: roles.on_generator_loss: with "stop" any loss ends the trainer; with
+            "continue" only the loss of the last one (every generator in `gone`). Generators
+            that ended their streams cleanly are not gone: when the rest are lost, the trainers
+            train on what they hold and stop as at the end of the stream.
+        gone: every generator lost so far, `lost` included.
+    """
+    if not lost:
+        return None
+    if policy == "stop":
+        return ""  # the loss's own message says it all
+    if set(generators) <= gone:
+        return (f"no generator left to send groups (generator ranks {sorted(gone)} lost; "
+                "roles.on_generator_loss=continue ends the job only then)")
+    return None
+
+
+def silent_peers(last_seen: dict[int, float], watched: list[int], now: float,
+                 timeout_s: float) -> list[int]:
+    """The `watched` peers that sent nothing for `timeout_s` (keepalives included)."""
+    return [p for p in watched if now - last_seen[p] > timeout_s]
+
+
+@dataclass
+class ControlStep:
+    """What the trainer's control thread does after one look at its generators.
+
+    Attributes:
+        states: every generator's state afterwards.
+        grants: generator rank -> credit granted now (already counted as outstanding).
+        sends: (generator rank, kind, arg, blob) in order: STOP acknowledgements, then credit
+            and keepalives, or the final STOPs.
+        lost: (generator rank, why) newly lost: silent past the time-out or warming up past the
+            start-up budget.
+        done: the control thread ends after these sends (the trainer is stopping).
+    """
+
+    states: dict[int, GenState]
+    grants: dict[int, int] = field(default_factory=dict)
+    sends: list[tuple[int, Kind, int, bytes]] = field(default_factory=list)
+    lost: list[tuple[int, str]] = field(default_factory=list)
+    done: bool = False
+
+
+def control_step(
+    states: dict[int, GenState], outstanding: dict[int, int], room: int, per_generator: int,
+    preferred: list[int] | None, last_seen: dict[int, float], last_sent: dict[int, float],
+    every: dict[int, float], now: float, started_at: float, timeout_s: float,
+    startup_timeout_s: float, stopping: bool, stop_reason: str | None,
+) -> ControlStep:
+    """One decision of the trainer's control thread (pure; the thread applies it under its lock
+    and sends outside it).
+
+    1. Liveness: a listening generator silent for `timeout_s` is lost, and one still warming
+       up `startup_timeout_s` after the start.
+    2. A generator that sent FAIL is acknowledged with STOP so it can exit.
+    3. Stopping: STOP (with `stop_reason`, an abort, or clean) to every generator still
+       talking; done.
+    4. Otherwise credit where the buffer has `room` (the credit rule), and a keepalive to any
+       talking generator not sent to for `every[g]` seconds.
+    """
+    states = dict(states)
+    step = ControlStep(states)
+    for g in silent_peers(last_seen, [g for g, s in states.items() if s in LISTENING], now,
+                          timeout_s):
+        states[g] = gen_lost(states[g])
+        step.lost.append((g, f"generator rank {g} stopped answering: no message for "
+                             f"{timeout_s:g} s (transport.timeout_s)"))
+    if now - started_at > startup_timeout_s:
+        for g in [g for g, s in states.items() if s == GenState.WARMING]:
+            states[g] = gen_lost(states[g])
+            step.lost.append((g, f"generator rank {g} still warming up {startup_timeout_s:g} s "
+                                 "after the start (transport.startup_timeout_s)"))
+    for g in [g for g, s in states.items() if s == GenState.FAILED]:
+        step.sends.append((g, Kind.STOP, 0, b""))
+        states[g] = gen_on_stop_sent(states[g], abort=False)
+    talking = [g for g, s in states.items() if s in TALKING]
+    if stopping:
+        blob = (stop_reason or "").encode()
+        for g in talking:
+            step.sends.append((g, Kind.STOP, 0, blob))
+            states[g] = gen_on_stop_sent(states[g], abort=stop_reason is not None)
+        step.done = True
+        return step
+    grantable = [g for g, s in states.items() if s in GRANTABLE]
+    step.grants = grant_credit(outstanding, grantable, room - sum(outstanding.values()),
+                               per_generator, preferred)
+    for g in talking:
+        if step.grants.get(g):
+            step.sends.append((g, Kind.CREDIT, step.grants[g], b""))
+        elif now - last_sent[g] >= every[g]:
+            step.sends.append((g, Kind.KEEPALIVE, 0, b""))
+    return step
+
+
 def grant_credit(
     outstanding: dict[int, int], grantable: list[int], room: int, per_generator: int,
     preferred: list[int] | None = None,
@@ -200,8 +327,20 @@ SENDABLE = frozenset({TrainerState.OPEN, TrainerState.STOPPING})
 WATCHED = frozenset({TrainerState.OPEN, TrainerState.DRAINED})
 
 
-def trainer_on_message(state: TrainerState, kind: Kind, reason: bool = False) -> TrainerState:
-    """A trainer's state after its message `kind` reached the generator.
+class Act(enum.Enum):
+    """What a generator does with a trainer's message, besides the state change."""
+
+    HELLO = "record where the stream resumes; start sending once every trainer said hello"
+    CREDIT = "add the granted credit"
+    END = "queue END after the data already queued (a clean STOP while open)"
+    ABORT = "fail with the trainer's reason"
+    DROP_CREDIT = "forget the trainer's credit (it stopped)"
+
+
+def trainer_on_message(state: TrainerState, kind: Kind,
+                       reason: bool = False) -> tuple[TrainerState, tuple[Act, ...]]:
+    """A trainer's state after its message `kind` reached the generator, and what the
+    generator does with it.
 
     Args:
         reason: for STOP, whether it carried a failure reason (an abort).
@@ -210,21 +349,24 @@ def trainer_on_message(state: TrainerState, kind: Kind, reason: bool = False) ->
         ProtocolError: a message a trainer never sends, or START/RESUME twice.
     """
     if state == TrainerState.CLOSED:
-        return state
+        return state, ()
     if kind in (Kind.START, Kind.RESUME):
         if state == TrainerState.WAITING:
-            return TrainerState.OPEN
+            return TrainerState.OPEN, (Act.HELLO,)
         if state == TrainerState.DRAINED:
-            return state  # a hello that crossed our FAIL
+            return state, (Act.HELLO,)  # a hello that crossed our FAIL
         raise ProtocolError(f"{kind.name} twice")
-    if kind in (Kind.CREDIT, Kind.KEEPALIVE):
-        return state
+    if kind == Kind.CREDIT:
+        return state, (Act.CREDIT,)
+    if kind == Kind.KEEPALIVE:
+        return state, ()
     if kind == Kind.STOP:
         if reason:
-            return TrainerState.ABORTED
+            return TrainerState.ABORTED, (Act.DROP_CREDIT, Act.ABORT)
         if state == TrainerState.OPEN:
-            return TrainerState.STOPPING
-        return TrainerState.CLOSED if state != TrainerState.ABORTED else state
+            return TrainerState.STOPPING, (Act.DROP_CREDIT, Act.END)
+        after = TrainerState.CLOSED if state != TrainerState.ABORTED else state
+        return after, (Act.DROP_CREDIT,)
     raise ProtocolError(f"unexpected {kind.name} from a trainer")
 
 

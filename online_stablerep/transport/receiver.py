@@ -9,22 +9,44 @@ Two threads, one per gloo group, so no group is ever driven by two threads at on
 
 Credit rule: a trainer never has more groups promised than its buffer can take without
 evicting an unused one: unused groups held + credit outstanding <= replay capacity.
+
+What to send and when a generator is lost is decided by transport.protocol (`control_step`,
+`loss_verdict`); the threads here do the gloo I/O and apply those decisions under one lock.
+With `on_loss="continue"` (roles.on_generator_loss) a generator that dies, falls silent or
+fails is named on the console and dropped, and the trainer goes on with the others until none
+is left.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from typing import Any
 
 from online_stablerep.distributed.groups import JobGroups
+from online_stablerep.monitoring.metrics import console
 from online_stablerep.transport import messages as msg
 from online_stablerep.transport import protocol as proto
 from online_stablerep.transport.messages import Kind, TransportError
 from online_stablerep.transport.protocol import Cursor, GenState
 from online_stablerep.transport.sink import GroupSink
 from online_stablerep.transport.wire import unpack_groups
+
+# Seconds between retries of a failed receive from any generator (on_loss="continue").
+_RETRY_S = 0.2
+
+
+def rate_vs_peers(rates: dict[int, float]) -> dict[int, float]:
+    """Each generator's rate over the median of its peers' rates (generators without peers, or
+    whose peers make nothing, are left out)."""
+    shares = {}
+    for g, rate in rates.items():
+        peers = [r for h, r in rates.items() if h != g]
+        if peers and statistics.median(peers) > 0:
+            shares[g] = rate / statistics.median(peers)
+    return shares
 
 
 class Receiver:
@@ -37,11 +59,17 @@ class Receiver:
         timeout_s: a generator silent this long (no data, no keepalive) fails the trainer.
         startup_timeout_s: a generator still warming up this long after the start fails the
             trainer (default: timeout_s).
+        on_loss: "stop" (a lost or failed generator fails the trainer) or "continue" (it is
+            dropped; only the loss of the last one fails the trainer).
     """
+
+    # A generator making images at less than this share of its peers' median rate is named a
+    # straggler.
+    STRAGGLER_SHARE = 0.5
 
     def __init__(
         self, groups: JobGroups, buffer: GroupSink, credits_per_generator: int,
-        timeout_s: float, startup_timeout_s: float | None = None,
+        timeout_s: float, startup_timeout_s: float | None = None, on_loss: str = "stop",
     ) -> None:
         assert groups.data_plane is not None and groups.control is not None
         self.groups = groups
@@ -50,7 +78,15 @@ class Receiver:
         self.credits_per_generator = credits_per_generator
         self.timeout_s = timeout_s
         self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
+        self.on_loss = on_loss
         self.generators = groups.roles.generator_ranks
+        # Console lines about lost generators and stragglers come from one trainer only.
+        self._speaks = self.rank == groups.roles.trainer_ranks[0]
+        # Generator rank -> why it was lost (on_loss="continue": the trainer went on), and when
+        # the first was lost (HybridSource measures the idle time since then).
+        self.lost: dict[int, str] = {}
+        self.first_loss_at: float | None = None
+        self._stragglers: list[int] = []
         # Generators on this trainer's node get credit first (K/node layouts).
         self.preferred = groups.roles.preferred_generators(self.rank)
         self.error: TransportError | None = None
@@ -72,6 +108,8 @@ class Receiver:
         self._bytes = 0
         self._idle_fraction: dict[int, float] = {}
         self._made_rate: dict[int, float] = {}
+        # Groups each generator skipped after a recoverable error, as it last reported.
+        self._skipped: dict[int, int] = {}
         self._window = (time.monotonic(), 0, dict.fromkeys(self.generators, 0))
         self.last_arrival = time.monotonic()
         self._threads: list[threading.Thread] = []
@@ -150,39 +188,78 @@ class Receiver:
                 self.error = TransportError(f"trainer rank {self.rank}: {text}")
             self._cond.notify_all()
 
-    def _lose(self, g: int, text: str) -> None:
-        with self._cond:
-            self._state[g] = proto.gen_lost(self._state[g])
-        self._fail(text)
+    def _lose(self, lost: list[tuple[int, str]]) -> None:
+        """Generators newly gone (lost, or FAIL received), each with why: under "stop" the
+        first fails the trainer; under "continue" each is named and dropped, and only the loss
+        of the last generator fails the trainer."""
+        with self._cond:  # one lock section: a reader never sees the states without the error
+            lost = [(g, text) for g, text in lost if g not in self.lost]  # named once
+            if not lost:
+                return
+            for g, _ in lost:
+                if self._state[g] not in proto.GONE:
+                    self._state[g] = proto.gen_lost(self._state[g])
+            verdict = proto.loss_verdict(self.generators, self.on_loss, [g for g, _ in lost],
+                                         set(self.lost) | {g for g, _ in lost})
+            if verdict is None:
+                self._record_loss(lost)
+            else:
+                self._fail("; ".join([lost[0][1]] + [verdict] * bool(verdict)))
+
+    def _record_loss(self, lost: list[tuple[int, str]]) -> None:
+        """Under the lock: name each lost generator and what it does to the balance."""
+        now = time.monotonic()
+        self.first_loss_at = self.first_loss_at or now
+        total = sum(self._images.values()) or 1
+        left = [g for g, s in self._state.items()
+                if s not in proto.GONE and g not in self.lost and g not in dict(lost)]
+        for g, text in lost:
+            self.lost[g] = text
+            self._outstanding[g] = 0
+            if self._speaks:
+                console(f"generator rank {g} lost ({text}); going on with {len(left)} of "
+                        f"{len(self.generators)} generators (roles.on_generator_loss=continue): "
+                        f"it made {self._images[g] / total:.0%} of the images received so "
+                        "far, so generation falls by about that much", rank=self.rank)
+        self._cond.notify_all()
 
     # ---- receive thread ----------------------------------------------------------------------
 
     def _receive_loop(self) -> None:
         group, timeout = self.groups.data_plane, self.timeout_s
+        failing_since: float | None = None
         while True:
             with self._cond:
                 live = [g for g, s in self._state.items() if s in proto.LISTENING]
-            if not live:
+            if not live or self.error is not None:
                 return
             try:
                 src, kind, args = msg.recv_message(group, None, timeout)
+                failing_since = None
             except Exception as err:
-                self._fail(f"no message from generator ranks {live}: {msg.describe_failure(err)}")
-                return
+                # A receive from any generator fails when one of them dies mid-connection (a
+                # reset): which one, the control thread finds on its next send. Under
+                # "continue" the others may still be heard: retry for up to timeout_s.
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if self.on_loss == "stop" or now - failing_since > timeout:
+                    self._fail(f"no message from generator ranks {live}: "
+                               f"{msg.describe_failure(err)}")
+                    return
+                time.sleep(_RETRY_S)
+                continue
             try:
                 self._handle(src, kind, args)
             except Exception as err:
-                self._lose(src, f"receiving {kind.name} from generator rank {src}: "
-                                f"{msg.describe_failure(err)}")
-                return
+                self._lose([(src, f"receiving {kind.name} from generator rank {src}: "
+                                  f"{msg.describe_failure(err)}")])
+                if self.error is not None:
+                    return
 
     def deliver(self, src: int, groups: list, meta: dict[str, Any], nbytes: int) -> None:
         """Under the lock: groups of one DATA message into the buffer, with their cursor."""
         with self._cond:
-            assert len(groups) <= self._outstanding[src], (
-                f"generator rank {src} sent {len(groups)} groups on "
-                f"{self._outstanding[src]} credits"
-            )
+            proto.check_credit(src, len(groups), self._outstanding[src])
             self.buffer.add(groups)
             self._outstanding[src] -= len(groups)
             self._groups[src] += len(groups)
@@ -190,6 +267,7 @@ class Receiver:
             self._bytes += nbytes
             self._idle_fraction[src] = float(meta["idle_fraction"])
             self._made_rate[src] = float(meta["images_per_s"])
+            self._skipped[src] = int(meta.get("skipped", 0))
             self._cursors[src] = proto.newer_cursor(
                 self._cursors.get(src), Cursor.from_dict(meta["cursor"])
             )
@@ -211,23 +289,19 @@ class Receiver:
             self._last_seen[src] = time.monotonic()
             self._cond.notify_all()
         if kind == Kind.FAIL:
-            self._fail(f"generator rank {src} failed: {reason}")
+            self._lose([(src, f"generator rank {src} failed: {reason}")])
 
     # ---- control thread ----------------------------------------------------------------------
 
     def _send(self, g: int, kind: Kind, *args: int, blob: bytes = b"") -> bool:
-        """Send on the control group; a failure marks generator `g` lost and fails the trainer."""
+        """Send on the control group; a failure loses generator `g`."""
         try:
             msg.send_message(self.groups.control, g, kind, *args, blob=blob,
                              timeout_s=self.timeout_s)
             return True
         except Exception as err:
-            self._lose(g, f"generator rank {g}: {msg.describe_failure(err)}")
+            self._lose([(g, f"generator rank {g}: {msg.describe_failure(err)}")])
             return False
-
-    def _stop_sent(self, g: int, abort: bool) -> None:
-        with self._cond:
-            self._state[g] = proto.gen_on_stop_sent(self._state[g], abort)
 
     def _control_loop(self) -> None:
         interval = msg.keepalive_interval(self.timeout_s)
@@ -241,51 +315,25 @@ class Receiver:
                 self._send(g, Kind.START)
         last_sent = dict.fromkeys(self.generators, time.monotonic())
         while True:
-            # 2. Wait for room, a stop, or the next keepalive; then decide under the lock.
+            # 2. Wait for room, a stop, or the next keepalive; then decide (protocol) under the
+            # lock and send outside it.
             with self._cond:
                 self._cond.wait(timeout=interval / 2)
                 now = time.monotonic()
-                silent = [g for g, s in self._state.items() if s in proto.LISTENING
-                          and now - self._last_seen[g] > self.timeout_s]
-                slow = [g for g, s in self._state.items() if s == GenState.WARMING
-                        and now - self._started_at > self.startup_timeout_s]
-                for g in silent + slow:
-                    self._state[g] = proto.gen_lost(self._state[g])
-                acks = [g for g, s in self._state.items() if s == GenState.FAILED]
-                stopping, reason = self._stopping, self._stop_reason
-                grants = {}
-                if not stopping:
-                    grantable = [g for g, s in self._state.items() if s in proto.GRANTABLE]
-                    room = self.buffer.room() - sum(self._outstanding.values())
-                    grants = proto.grant_credit(self._outstanding, grantable, room,
-                                                self.credits_per_generator, self.preferred)
-                    for g, n in grants.items():
-                        self._outstanding[g] += n
-                talk_to = [g for g, s in self._state.items() if s in proto.TALKING]
-            for g in silent:
-                self._fail(f"generator rank {g} stopped answering: no message for "
-                           f"{self.timeout_s:g} s (transport.timeout_s)")
-            for g in slow:
-                self._fail(f"generator rank {g} still warming up {self.startup_timeout_s:g} s "
-                           "after the start (transport.startup_timeout_s)")
-            # 3. Acknowledge FAILs with STOP so failed generators can exit.
-            for g in acks:
-                self._send(g, Kind.STOP)
-                self._stop_sent(g, abort=False)
-            if stopping:
-                for g in talk_to:
-                    self._send(g, Kind.STOP, blob=(reason or "").encode())
-                    self._stop_sent(g, abort=reason is not None)
+                step = proto.control_step(
+                    self._state, self._outstanding, self.buffer.room(),
+                    self.credits_per_generator, self.preferred, self._last_seen, last_sent,
+                    every, now, self._started_at, self.timeout_s, self.startup_timeout_s,
+                    self._stopping, self._stop_reason)
+                self._state = step.states
+                for g, n in step.grants.items():
+                    self._outstanding[g] += n
+            self._lose(step.lost)
+            for g, kind, arg, blob in step.sends:
+                if self._send(g, kind, *([arg] if kind == Kind.CREDIT else []), blob=blob):
+                    last_sent[g] = now
+            if step.done:
                 return
-            # 4. Credit where there is room, keepalives to the rest.
-            for g in talk_to:
-                if grants.get(g):
-                    self._send(g, Kind.CREDIT, grants[g])
-                elif now - last_sent[g] >= every[g]:
-                    self._send(g, Kind.KEEPALIVE)
-                else:
-                    continue
-                last_sent[g] = now
 
     # ---- what the trainer reads --------------------------------------------------------------
 
@@ -304,6 +352,24 @@ class Receiver:
             return {"groups": dict(self._groups), "images": dict(self._images),
                     "bytes": self._bytes}
 
+    def _straggler_metrics(self, live: list[int]) -> dict[str, float]:
+        """Under the lock: each live generator's image rate (as it reports it) over the median
+        of its live peers', `gen/rate_vs_peers/rank{g}`, and `gen/stragglers`, the count below
+        STRAGGLER_SHARE; the console names a straggler when the set changes."""
+        rates = {g: self._made_rate[g] for g in live if g in self._made_rate}
+        shares = rate_vs_peers(rates)
+        values = {f"gen/rate_vs_peers/rank{g}": share for g, share in shares.items()}
+        slow = [g for g, share in shares.items() if share < self.STRAGGLER_SHARE]
+        values["gen/stragglers"] = float(len(slow))
+        if slow != self._stragglers and self._speaks:
+            for g in sorted(set(slow) - set(self._stragglers)):
+                console(f"straggler: generator rank {g} makes {rates[g]:.1f} img/s, "
+                        f"{values[f'gen/rate_vs_peers/rank{g}']:.0%} of its peers' median "
+                        f"(below {self.STRAGGLER_SHARE:.0%}): a slow or shared device?",
+                        rank=self.rank)
+        self._stragglers = slow
+        return values
+
     def metrics(self) -> dict[str, float]:
         """Rates since the previous call: `transport/MB_per_s`, `gen/images_per_s` (received by
         this trainer, total and `gen/images_per_s/rank{r}`); and as generators report them,
@@ -319,6 +385,13 @@ class Receiver:
                 values[f"gen/images_per_s/rank{g}"] = rate
                 total += rate
             values["gen/images_per_s"] = total
+            live = [g for g, s in self._state.items() if s not in proto.GONE and g not in self.lost]
+            values["gen/generators_live"] = float(len(live))
+            values["gen/generators_lost"] = float(len(self.lost))
+            values["gen/skipped_groups"] = float(sum(self._skipped.values()))
+            for g in self.generators:
+                values[f"gen/live/rank{g}"] = float(g in live)
+            values.update(self._straggler_metrics(live))
             if self._idle_fraction:
                 values["gen/idle_fraction"] = sum(self._idle_fraction.values()) / len(
                     self._idle_fraction

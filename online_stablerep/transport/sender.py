@@ -6,7 +6,9 @@
   queued, answers a clean STOP with END, sends KEEPALIVE when idle, and FAIL on failure. Sending
   on its own thread lets the producer make the next batch while the last one is on the wire.
 
-The generator's main loop (jobs/generator.py) only reserves credit and queues batches.
+The generator's main loop (jobs/generator.py) only reserves credit and queues batches. What a
+trainer's message makes the generator do, and which trainer went silent, is decided by
+transport.protocol (`trainer_on_message`, `silent_peers`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from online_stablerep.records import CaptionGroup
 from online_stablerep.transport import messages as msg
 from online_stablerep.transport import protocol as proto
 from online_stablerep.transport.messages import Kind, TransportError
-from online_stablerep.transport.protocol import Cursor, TrainerState
+from online_stablerep.transport.protocol import Act, Cursor, TrainerState
 from online_stablerep.transport.wire import pack_groups
 
 
@@ -75,14 +77,13 @@ class GeneratorLink:
         """Under the lock: raise the first error, or name a trainer that went silent."""
         if self.error is not None:
             raise self.error
-        now = time.monotonic()
-        for t, state in self._state.items():
-            if state in proto.WATCHED and now - self._last_seen[t] > self.timeout_s:
-                self.error = TransportError(
-                    f"generator rank {self.rank}: trainer rank {t} stopped answering: no message "
-                    f"for {self.timeout_s:g} s (transport.timeout_s)"
-                )
-                raise self.error
+        watched = [t for t, s in self._state.items() if s in proto.WATCHED]
+        for t in proto.silent_peers(self._last_seen, watched, time.monotonic(), self.timeout_s):
+            self.error = TransportError(
+                f"generator rank {self.rank}: trainer rank {t} stopped answering: no message "
+                f"for {self.timeout_s:g} s (transport.timeout_s)"
+            )
+            raise self.error
 
     def _interrupted(self) -> bool:
         return self.interrupt is not None and self.interrupt.is_set()
@@ -230,30 +231,31 @@ class GeneratorLink:
                 return
             with self._cond:
                 self._last_seen[src] = time.monotonic()
-                before = self._state[src]
                 try:
-                    self._state[src] = proto.trainer_on_message(before, kind, reason=bool(blob))
+                    self._state[src], acts = proto.trainer_on_message(self._state[src], kind,
+                                                                      reason=bool(blob))
                 except proto.ProtocolError as err:
                     self.error = self.error or TransportError(
                         f"generator rank {self.rank}: trainer rank {src}: {err}"
                     )
                     self._cond.notify_all()
                     continue
-                if kind in (Kind.START, Kind.RESUME):
-                    self._hello[src] = Cursor.from_dict(json.loads(blob)) if blob else None
-                    if not any(s == TrainerState.WAITING for s in self._state.values()):
-                        # Keepalives ("alive, warming up") flow while the model is built.
-                        self._start_sending()
-                elif kind == Kind.CREDIT:
-                    self._credit[src] += args[0]
-                elif kind == Kind.STOP:
-                    self._credit[src] = 0
-                    if blob:
+                for act in acts:
+                    if act == Act.HELLO:
+                        self._hello[src] = Cursor.from_dict(json.loads(blob)) if blob else None
+                        if not any(s == TrainerState.WAITING for s in self._state.values()):
+                            # Keepalives ("alive, warming up") flow while the model is built.
+                            self._start_sending()
+                    elif act == Act.CREDIT:
+                        self._credit[src] += args[0]
+                    elif act == Act.DROP_CREDIT:
+                        self._credit[src] = 0
+                    elif act == Act.ABORT:
                         self.error = self.error or TransportError(
                             f"generator rank {self.rank}: trainer rank {src} aborted: "
                             f"{blob.decode('utf-8', 'replace')}"
                         )
-                    elif self._state[src] == TrainerState.STOPPING:
+                    elif act == Act.END:
                         self._queue.append((Kind.END, src, None))
                 self._cond.notify_all()
 
