@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from online_stablerep.jobs.preflight import InputError, job_schedule
 
 from online_stablerep.config import ConfigError, load_config
 from online_stablerep.config.schedule import resolve_schedule, steps_per_epoch, uses_per_image
 from online_stablerep.distributed.roles import Roles
+from online_stablerep.jobs.preflight import InputError, job_schedule
 from tests.helpers import TINY_PROCEDURAL, run_cli
 
 
