@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from online_stablerep.distributed.groups import create_groups, init_with_deepspeed
+    from online_stablerep.distributed.process import single_process_env
     from online_stablerep.distributed.roles import Roles
-    from online_stablerep.jobs.train import single_process_env
     from online_stablerep.training.engine import use_autocast, use_bf16
 
     # 1. A world of one rank, set up exactly as the training job does it.
