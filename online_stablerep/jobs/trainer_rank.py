@@ -33,6 +33,8 @@ def trainer_source(
     cfg: Config, roles: Roles, groups: JobGroups, rank: int, device: torch.device,
     stop: StopRequest | None = None,
 ) -> BatchSource:
+    """This trainer rank's batches: a replay buffer filled by its own producer (colocated) or by
+    the generator ranks (hybrid), with `mix.real_fraction` of each batch from real images."""
     buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse,
                           min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
                           seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit,
@@ -92,6 +94,8 @@ def plan_comparison(cfg: Config, roles: Roles) -> Callable[[dict[str, float]], s
 def run_trainer(
     cfg: Config, roles: Roles, groups: JobGroups, device: torch.device, stop: StopRequest
 ) -> int:
+    """Train on this rank until the schedule or the stream ends; rank 0 then writes the
+    summary, probes the encoder (eval.probe_at_end) and records the HParams row."""
     rank = groups.rank
     source = trainer_source(cfg, roles, groups, rank, device, stop)
     sink: MetricSink = MetricSink()
