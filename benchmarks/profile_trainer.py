@@ -43,8 +43,8 @@ def main() -> int:
 
     from online_stablerep.config import load_config
     from online_stablerep.distributed.groups import create_groups, init_with_deepspeed
+    from online_stablerep.distributed.process import single_process_env
     from online_stablerep.distributed.roles import Roles
-    from online_stablerep.jobs.train import single_process_env
     from online_stablerep.training.trainer import Trainer
 
     single_process_env()

@@ -121,8 +121,8 @@ def plain_loop(cfg: Config, batch: TrainBatch, device: torch.device) -> Callable
     from online_stablerep.losses import StableRepLoss
     from online_stablerep.models.encoder import build_model
     from online_stablerep.training.augment import DeviceAugment
+    from online_stablerep.training.engine import peak_lr, use_autocast, use_bf16
     from online_stablerep.training.schedule import param_groups
-    from online_stablerep.training.trainer import peak_lr, use_autocast, use_bf16
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device).train()
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from online_stablerep.distributed.groups import create_groups, init_with_deepspeed
+    from online_stablerep.distributed.process import single_process_env
     from online_stablerep.distributed.roles import Roles
-    from online_stablerep.jobs.train import single_process_env
-    from online_stablerep.training.trainer import use_autocast, use_bf16
+    from online_stablerep.training.engine import use_autocast, use_bf16
 
     # 1. A world of one rank, set up exactly as the training job does it.
     single_process_env()

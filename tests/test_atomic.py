@@ -20,7 +20,7 @@ import torch
 from online_stablerep.config import load_config, save_config
 from online_stablerep.eval.probe import write_probe_json
 from online_stablerep.jobs.shutdown import write_last_word
-from online_stablerep.jobs.train import _write_summary
+from online_stablerep.jobs.trainer_rank import _write_summary
 from online_stablerep.producers.tokenizer import _write_vocab_files
 from online_stablerep.shards.writer import write_key_index
 from online_stablerep.training.checkpoint import save_checkpoint

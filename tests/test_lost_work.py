@@ -17,7 +17,7 @@ import pytest
 
 from online_stablerep.training.checkpoint import newest_checkpoint
 from tests.helpers import TINY_PROCEDURAL, read_summary, run_cli
-from tests.jobs import read_logs, start_ranks, wait_all
+from tests.helpers import read_logs, start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
 STEPS = 40

@@ -21,7 +21,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     from online_stablerep.config import load_config
     from online_stablerep.distributed.groups import create_groups, init_with_deepspeed
     from online_stablerep.distributed.roles import Roles
-    from online_stablerep.jobs.train import _trainer_source
+    from online_stablerep.jobs.trainer_rank import trainer_source
     from online_stablerep.training.trainer import Trainer
 
     cfg = load_config("cpu_procedural", [*TINY_PROCEDURAL, f"output_dir={out}"])
@@ -29,7 +29,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     init_with_deepspeed(device, 60)
     roles = Roles.from_spec("0", 2, 2)
     groups = create_groups(roles, device, 60)
-    trainer = Trainer(cfg, groups, _trainer_source(cfg, roles, groups, rank, device), device)
+    trainer = Trainer(cfg, groups, trainer_source(cfg, roles, groups, rank, device), device)
     weights = torch.cat([p.detach().flatten() for p in trainer.engine.module.parameters()])
     torch.save({"weights": weights, "draw": torch.rand(16)}, f"{out}/rank{rank}.pt")
     trainer.source.close()

@@ -8,8 +8,8 @@ import timm
 import torch
 
 from online_stablerep.config import load_config
+from online_stablerep.training.engine import peak_lr
 from online_stablerep.training.schedule import param_groups
-from online_stablerep.training.trainer import peak_lr
 
 
 def test_sd15_preset_peak_lr_on_32_trainer_ranks_is_the_official_one() -> None:

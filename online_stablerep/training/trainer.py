@@ -3,7 +3,6 @@ serves colocated mode (producer in-process) and hybrid mode (generator ranks).""
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -12,24 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
 from online_stablerep.config.schema import Config
 from online_stablerep.distributed.env import get_rank, get_world_size
-from online_stablerep.distributed.groups import JobGroups, TrainerMPU
+from online_stablerep.distributed.groups import JobGroups
 from online_stablerep.losses import StableRepLoss
 from online_stablerep.models.encoder import build_model
-from online_stablerep.monitoring.layout import BalanceAdvisor, custom_scalars_layout
 from online_stablerep.monitoring.metrics import MetricSink, console
-from online_stablerep.monitoring.preview import render_grid
 from online_stablerep.records import TrainBatch
 from online_stablerep.training import checkpoint as ckpt
+from online_stablerep.training.audit import AuditRecorder
 from online_stablerep.training.augment import DeviceAugment
-from online_stablerep.training.schedule import param_groups, warmup_cosine
+from online_stablerep.training.engine import build_engine, peak_lr, use_autocast, use_bf16
+from online_stablerep.training.progress import ProgressLog
 from online_stablerep.training.sources import BatchSource
 
 # train.on_nonfinite=skip gives up after this many non-finite losses in a row: the weights
@@ -49,46 +46,6 @@ class TrainResult:
     losses: list[float]
     stopped_because: str
     checkpoint: Path | None
-
-
-def use_bf16(cfg: Config, device: torch.device) -> bool:
-    """DeepSpeed's bf16 mode: bf16 weights, activations and gradients, fp32 master weights and
-    optimizer state ("bf16", or "auto" on a GPU)."""
-    if cfg.train.precision == "auto":
-        return device.type == "cuda"
-    return cfg.train.precision == "bf16"
-
-
-def use_autocast(cfg: Config) -> bool:
-    """The official structure ("autocast_bf16"): an fp32 engine (weights, gradients, optimizer
-    state) with the forward under bf16 autocast (the official code autocasts to fp16 with a
-    loss scaler; bf16 needs none)."""
-    return cfg.train.precision == "autocast_bf16"
-
-
-def peak_lr(cfg: Config, trainer_world: int) -> float:
-    """optim.lr if set, else the official rule: base_lr x images per step / 256 / 2.
-
-    The official main_stablerep.py scales blr by the global images per step / 256, then by
-    num_crop / 2 with num_crop = 1 (its scaling assumed two crops per image); each of our k
-    views is one crop of a different image, so base_lr is the official --blr.
-    """
-    if cfg.optim.lr > 0:
-        return cfg.optim.lr
-    images = cfg.batch.captions_per_batch * cfg.batch.views_per_caption * trainer_world
-    return cfg.optim.base_lr * images / 256 / 2
-
-
-def deepspeed_config(cfg: Config, rows_per_rank: int, bf16: bool) -> dict[str, Any]:
-    return {
-        "train_micro_batch_size_per_gpu": rows_per_rank,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": bf16},
-        "gradient_clipping": cfg.optim.grad_clip,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 class Trainer:
@@ -115,8 +72,6 @@ class Trainer:
         self.source = source
         self.device = device
         self.sink = sink or MetricSink()
-        # Turns the logged figures into a console line comparing them with the plan.
-        self.compare = compare
         # Rank inside the trainer group (checkpoint shards, seeds, audit files); console lines
         # name the global rank, as transport messages and last words do.
         self.rank = get_rank(self.group)
@@ -139,48 +94,20 @@ class Trainer:
             cfg.seed * 1000 + self.rank
         )
 
-        # 2. DeepSpeed engine over the trainer group only (an mpu keeps it off the world group).
+        # 2. DeepSpeed engine over the trainer group only (training/engine.py).
         self.lr = peak_lr(cfg, self.world)
-        optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.optim.weight_decay),
-            lr=self.lr,
-            betas=(cfg.optim.beta1, cfg.optim.beta2),
-            fused=cfg.optim.fused,
-        )
-        if cfg.train.compile:
-            # compile() keeps the module and its parameters (state dicts stay unprefixed).
-            model.compile()
-        scheduler = warmup_cosine(
-            optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.n * self.k, self.bf16),
-            mpu=TrainerMPU(groups),
-            dist_init_required=False,
-        )
-        if self.world == 1 and cfg.train.zero_stage == 0:
-            # One trainer has no gradients to average: skip the engine's bucketed all-reduce
-            # (a flatten, a collective over one rank and an unflatten every step). ZeRO-1
-            # needs it: its reduce fills the optimizer's gradient partitions.
-            self.engine.enable_backward_allreduce = False
+        self.engine = build_engine(cfg, model, self.lr, groups, self.n * self.k, self.bf16)
         self.step = 0
         # When the last checkpoint was written, or fit() began (train.checkpoint_every_minutes).
         self._saved_at = time.monotonic()
         self.losses: list[float] = []
         # (step, global mean loss on the device) not yet read back: see _flush_losses.
         self._pending: list[tuple[int, torch.Tensor]] = []
-        # Caption ids of every batch, in group order (train.audit).
-        self.audit_batches: list[list[int]] = []
-        # The generated groups of each batch as (caption id, epoch, producer rank).
-        self.audit_batch_keys: list[list[tuple[int, int, int]]] = []
-        # Views trained and images received at the previous log step (implied reuse).
-        self._balance0: tuple[int, int] | None = None
-        self.advisor = BalanceAdvisor()
-        if self.rank == 0:
-            self.sink.layout(custom_scalars_layout())
+        # Caption ids and group keys of every batch (train.audit).
+        self.audit = AuditRecorder()
+        # compare turns the logged figures into a console line comparing them with the plan.
+        self.progress = ProgressLog(cfg, source, self.engine.lr_scheduler, self.sink, compare,
+                                    self.rank, self.global_rank, self.world)
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -242,28 +169,6 @@ class Trainer:
         console(f"resumed from {path} at step {self.step}", rank=self.global_rank)
         return True
 
-    def _write_audit(self) -> None:
-        buffer = self.source.buffer
-        stats = buffer.stats()
-        audit = {
-            "rank": self.rank,
-            "batches": self.audit_batches,
-            "batch_keys": self.audit_batch_keys,
-            "views_per_caption": self.k,
-            "max_reuse": buffer.max_reuse,
-            "uses": [[*key, uses] for key, uses in (buffer.uses_by_key or {}).items()],
-            "held_unused": stats["unused"],
-            "min_pool": buffer.min_pool,
-            # How well batches mixed: mean fraction repeated from the previous batch, mean
-            # steps between a retired group's first and last use.
-            "batch_overlap": stats["batch_overlap"],
-            "use_spread_steps": stats["use_spread_steps"],
-            "counters": buffer.counters(),
-        }
-        path = Path(self.cfg.output_dir) / "audit" / f"trainer_rank{self.rank}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(audit))
-
     # ---- one step ----------------------------------------------------------------------------
 
     def _forward_loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -320,54 +225,6 @@ class Trainer:
             self.losses.append(value)
         self._pending.clear()
 
-    def _log(self, terms: dict[str, torch.Tensor], loss: float, t0: float, idle0: float,
-             steps: int) -> None:
-        elapsed = max(time.perf_counter() - t0, 1e-9)
-        images_per_s = steps * self.n * self.k * self.world / elapsed
-        idle = (self.source.idle_seconds() - idle0) / elapsed
-        values = {
-            "train/loss": loss,
-            "train/lr": self.engine.lr_scheduler.get_last_lr()[0],
-            "train/images_per_s": images_per_s,
-            "train/idle_fraction": min(1.0, idle),
-        }
-        values.update({f"train/{k}": float(v.detach()) for k, v in terms.items() if k != "loss"})
-        values.update({f"buffer/{k}": v for k, v in self.source.buffer.stats().items()})
-        values.update(self.source.metrics())
-        counters = self.source.buffer.counters()
-        trained, received = self.step * self.n * self.k, counters["images_added"]
-        if self._balance0 is not None and received > self._balance0[1]:
-            # Views each image received since the last log served: what the balance implies.
-            values["balance/implied_reuse"] = (
-                (trained - self._balance0[0]) / (received - self._balance0[1]))
-        self._balance0 = (trained, received)
-        advice = self.advisor.observe(values["train/idle_fraction"], values.get("gen/idle_fraction"))
-        if self.rank == 0:
-            self.sink.scalars(values, self.step)
-            console(
-                f"step {self.step}/{self.cfg.train.steps} loss {loss:.4f} "
-                f"lr {values['train/lr']:.2e} {images_per_s:.1f} img/s "
-                f"idle {values['train/idle_fraction']:.0%} "
-                f"buffer {values['buffer/groups']:.0f} reuse {values['buffer/mean_reuse']:.2f} "
-                f"overlap {values['buffer/batch_overlap']:.0%} "
-                f"spread {values['buffer/use_spread_steps']:.1f} steps",
-                rank=self.global_rank,
-            )
-            if self.compare is not None:
-                console(self.compare(values), rank=self.global_rank)
-            if advice:
-                console(advice, rank=self.global_rank)
-
-    def _grid(self, batch: TrainBatch) -> None:
-        """The newest groups received, each a row of every image its generator made, with
-        caption, caption id, guidance and epoch."""
-        groups = self.source.buffer.newest(4)
-        if not groups:
-            return
-        grid = render_grid(groups, title=f"newest groups received at step {self.step}", cell=96)
-        image = torch.from_numpy(np.asarray(grid)).permute(2, 0, 1).contiguous()
-        self.sink.image("buffer/received_groups", image, self.step)
-
     # ---- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
@@ -417,15 +274,14 @@ class Trainer:
             steps_since += 1
             self._pending.append((self.step, mean_loss))
             if cfg.audit:
-                self.audit_batches.append(batch.caption_ids[: batch.captions_per_batch].tolist())
-                self.audit_batch_keys.append(list(self.source.buffer.last_batch_keys))
+                self.audit.record(batch, self.source.buffer)
             # 4. Monitoring and checkpoints.
             if self.step % cfg.log_every == 0 or self.step == end:
                 self._flush_losses()
-                self._log(terms, self.losses[-1], t0, idle0, steps_since)
+                self.progress.log(self.step, terms, self.losses[-1], t0, idle0, steps_since)
                 t0, idle0, steps_since = time.perf_counter(), self.source.idle_seconds(), 0
             if self.rank == 0 and cfg.image_grid_every and self.step % cfg.image_grid_every == 0:
-                self._grid(batch)
+                self.progress.grid(self.step)
             if due or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self._flush_losses()
                 last_ckpt = self.save()
@@ -433,6 +289,6 @@ class Trainer:
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
             last_ckpt = self.save()
         if cfg.audit:
-            self._write_audit()
+            self.audit.write(self.cfg.output_dir, self.rank, self.k, self.source.buffer)
         self.sink.flush()
         return TrainResult(self.step, list(self.losses), stopped, last_ckpt)
