@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from online_stablerep.training.checkpoint import newest_checkpoint
-from tests.helpers import TINY_PROCEDURAL, read_summary, run_cli
-from tests.helpers import read_logs, start_ranks, wait_all
+from tests.helpers import TINY_PROCEDURAL, read_logs, read_summary, run_cli, start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
 STEPS = 40

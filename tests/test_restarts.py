@@ -22,8 +22,7 @@ from online_stablerep.jobs.restarts import (
 from online_stablerep.jobs.shutdown import main as report
 from online_stablerep.jobs.shutdown import write_last_word
 from online_stablerep.training.checkpoint import newest_checkpoint
-from tests.helpers import read_summary
-from tests.helpers import free_port
+from tests.helpers import free_port, read_summary
 from tests.test_faults import hybrid_args, last_words, steps_logged, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
