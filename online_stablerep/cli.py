@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "export": "Write the trained backbone as timm loads it (safetensors + config.json).",
     "plan": "Recommend the split of generator and trainer GPUs.",
     "train-toy-generator": "Train the toy text-to-image model of the procedural world.",
+    "distill-toy-generator": "Distil the toy model into a few-step LCM-LoRA student.",
 }
 
 

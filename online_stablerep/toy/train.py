@@ -165,14 +165,14 @@ def train_vae(bank: torch.Tensor, steps: int, batch: int, seed: int) -> tuple[An
     return vae, mse
 
 
-def _colour_plan(count: int, p_colour: float, g: torch.Generator) -> list[str | None]:
+def colour_plan(count: int, p_colour: float, g: torch.Generator) -> list[str | None]:
     """A colour word (or None: any hue) for each of `count` bank images."""
     u = torch.rand(count, generator=g).tolist()
     pick = torch.randint(len(_COLOUR_NAMES), (count,), generator=g).tolist()
     return [_COLOUR_NAMES[k] if p < p_colour else None for p, k in zip(u, pick, strict=True)]
 
 
-def _draw_captions(labels: list[int], colours: list[str | None], p_uncond: float,
+def draw_captions(labels: list[int], colours: list[str | None], p_uncond: float,
                    g: torch.Generator) -> list[str]:
     """Training captions: an image of a named colour is captioned with its colour word three
     times in four (the plain caption means any colour); a few captions are dropped (guidance)."""
@@ -275,7 +275,7 @@ def train_toy_generator(cfg: ToyTrainConfig) -> dict[str, Any]:
     # Latents of the whole bank, encoded once: each render with one colouring, a colour word
     # for half of them.
     c, n = bank.shape[:2]
-    colours = _colour_plan(c * n, cfg.p_colour, g)
+    colours = colour_plan(c * n, cfg.p_colour, g)
     with torch.no_grad():
         flat = bank.flatten(0, 1)
         latent_bank = torch.cat([
@@ -290,7 +290,7 @@ def train_toy_generator(cfg: ToyTrainConfig) -> dict[str, Any]:
     while step < cfg.steps:
         index = torch.randint(c * n, (cfg.batch_size,), generator=g)
         latents = latent_bank[index]
-        captions = _draw_captions((index // n).tolist(), [colours[i] for i in index.tolist()],
+        captions = draw_captions((index // n).tolist(), [colours[i] for i in index.tolist()],
                                   cfg.p_uncond, g)
         for text in set(captions) - token_cache.keys():
             token_cache[text] = tokenizer(text, padding="max_length", truncation=True,
