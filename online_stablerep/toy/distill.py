@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tqdm import tqdm
@@ -64,7 +63,7 @@ class DistillConfig:
     steps: int = 3000
     seed: int = 0
     # Latents per step.
-    batch_size: int = 32
+    batch_size: int = 16
     # AdamW learning rate of the LoRA (constant after a 50-step warm-up).
     lr: float = 1e-3
     # LoRA rank (alpha = rank: scale 1).
@@ -105,8 +104,10 @@ def save_adapter(out: Path, unet: torch.nn.Module, record: dict[str, Any]) -> No
     """Write the LoRA (fp16, diffusers' format) and the record, replacing `out` whole."""
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    layers = {k: v.detach().half().contiguous() for k, v in layers.items()}
+    # peft's key names, as diffusers' LoRA trainers save them: diffusers' older naming covers
+    # attention layers only, and a file mixing the two loads without its attention LoRA.
+    layers = {k: v.detach().half().contiguous()
+              for k, v in get_peft_model_state_dict(unet).items()}
     StableDiffusionPipeline.save_lora_weights(str(partial), unet_lora_layers=layers,
                                               safe_serialization=True)
     (partial / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
@@ -241,13 +242,13 @@ def distill_toy_generator(cfg: DistillConfig) -> dict[str, Any]:
         step += 1
         running.append(loss.item())
         bar.update(1)
-        if step % 10 == 0:
-            record["loss_curve"].append([step, sum(running) / len(running)])
-            bar.set_postfix(loss=f"{record['loss_curve'][-1][1]:.4f}", refresh=False)
-            running = []
         out_of_time = time.perf_counter() > deadline
         if out_of_time:
             record["stopped_by"] = "max_minutes"
+        if step % 10 == 0 or step == cfg.steps or out_of_time:
+            record["loss_curve"].append([step, sum(running) / len(running)])
+            bar.set_postfix(loss=f"{record['loss_curve'][-1][1]:.4f}", refresh=False)
+            running = []
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             evaluate(step)
         if out_of_time:

@@ -9,9 +9,9 @@ Four phases, one process, seeded:
    the weights; every `eval_every` steps the EMA model samples each category through the
    project's own Sampler and the classifier scores it, and the folder is saved.
 
-The saved folder is a standard diffusers StableDiffusionPipeline folder (fp16 safetensors,
-model_index.json, tokenizer, scheduler) plus `classifier.safetensors` and `toy_training.json`
-(loss curve, sample accuracy, command, seed, wall time).
+The saved folder is a standard diffusers StableDiffusionPipeline folder (fp16 UNet and VAE, fp32
+text encoder, model_index.json, tokenizer, scheduler) plus `classifier.safetensors` and
+`toy_training.json` (loss curve, sample accuracy, command, seed, wall time).
 """
 
 from __future__ import annotations
@@ -206,11 +206,17 @@ def sample_accuracy(components: Components, classifier: CategoryClassifier, step
 def save_folder(out: Path, unet: torch.nn.Module, vae: torch.nn.Module,
                 text_encoder: torch.nn.Module, tokenizer: Any, classifier: CategoryClassifier,
                 record: dict[str, Any]) -> None:
-    """Write the diffusers folder (fp16 weights) and the side files, replacing `out` whole."""
+    """Write the diffusers folder (fp16 UNet and VAE, fp32 text encoder) and the side files,
+    replacing `out` whole.
+
+    The text encoder stays fp32: transformers loads a model in its stored dtype while diffusers
+    loads the UNet and VAE in fp32, so a plain `DiffusionPipeline.from_pretrained(out)` with an
+    fp16 text encoder fails at its first call on a CPU (Half and Float in one matmul).
+    """
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(),
+        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).float(),
         tokenizer=tokenizer, unet=copy.deepcopy(unet).half(),
         scheduler=DPMSolverMultistepScheduler.from_config(TOY_SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
