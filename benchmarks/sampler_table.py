@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", nargs="*", default=ENCODER_DEFAULT, choices=list(SETTINGS),
                         help="settings an encoder is trained on (none: skip that part)")
     parser.add_argument("--k", type=int, default=4, help="images per caption group")
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds after one warm-up (0: one timed round)")
     parser.add_argument("--pool-rounds", type=int, default=4,
                         help="calls (of 10 groups) stored for each encoder setting")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -237,11 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     producers = {name: make_producer(name, args.k) for name in tqdm(args.settings, desc="build")}
     groups: dict[str, list[CaptionGroup]] = {name: [] for name in args.settings}
     seconds: dict[str, list[float]] = {name: [] for name in args.settings}
+    # Round 0 is the warm-up, untimed unless it is the only round (--rounds 0: eager CPU
+    # producers have no compile to warm up).
     for round_index in tqdm(range(args.rounds + 1), desc="rounds"):
         for name, producer in producers.items():
             t0 = time.perf_counter()
             groups[name] += producer.next_groups()
-            if round_index > 0:  # round 0 is the warm-up
+            if round_index > 0 or args.rounds == 0:
                 seconds[name].append(time.perf_counter() - t0)
     images_per_call = args.k * TOY_CATEGORIES
     reference = "paper" if "paper" in args.settings else args.settings[0]
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     reused = _reusable_encoders(args)
+    _write(args.out, {**result, "wall_s": round(time.perf_counter() - t_start, 1)})
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
             name = row["name"]

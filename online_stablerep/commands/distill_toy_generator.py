@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3000, help="distillation steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything")
     parser.add_argument("--batch-size", type=int, default=16, help="latents per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
+    parser.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--bank", type=int, default=800, help="training renders per category")
     parser.add_argument("--eval-every", type=int, default=100,
