@@ -4,6 +4,10 @@ recipe on the toy model, and the shipped folders under diffusers' own plain call
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from online_stablerep.toy.models import classify, load_classifier
 from online_stablerep.toy.world import TOY_CATEGORIES, parse_caption
 from tests.jobs import read_logs, start_ranks, wait_all
 
+ROOT = Path(__file__).resolve().parents[1]
 TOY_DIR = SHIPPED_MODELS["toy"]
 STUDENT_DIR = SHIPPED_ADAPTERS["toy-lcm-lora"]
 
@@ -106,3 +111,21 @@ def test_fast_recipe_on_the_toy_model_runs_the_hybrid_job(tmp_path):
     procs = start_ranks(2, args, tmp_path / "logs")
     assert wait_all(procs, timeout=400) == [0, 0], read_logs(tmp_path / "logs")[-4000:]
     assert "recipe fast, lcm 4 steps" in read_logs(tmp_path / "logs")
+
+
+@pytest.mark.slow
+def test_sampler_table_quick_run_writes_its_table(tmp_path):
+    """benchmarks/sampler_table.py --quick: teacher and student rows, an encoder trained on the
+    student's stored images and probed on real renders, real renders' diversity beside."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampler_table.py"),
+                           "--quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "sampler_table.json").read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == {"teacher_dpm2", "student_lcm1"}
+    assert all(0 <= row["alignment"] <= 1 and row["images_per_s"] > 0 for row in rows.values())
+    assert rows["student_lcm1"]["encoder"]["pool_images"] == 2 * TOY_CATEGORIES * 4
+    assert 0 <= rows["student_lcm1"]["encoder"]["linear_top1"][0] <= 1
+    assert 0 < result["real"]["pixel_diversity"] < 1
+    assert "| real renders |" in (tmp_path / "sampler_table.md").read_text()
