@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "plan": "Recommend the split of generator and trainer GPUs.",
     "train-toy-generator": "Train the toy text-to-image model of the procedural world.",
     "config": "Print the resolved config as YAML (config show [--config P] [key=value ...]).",
+    "distill-toy-generator": "Distil the toy model into a few-step LCM-LoRA student.",
 }
 
 

@@ -78,7 +78,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         # A recipe's levers sit between the preset and the command line: they replace the
         # preset's generator keys, and explicit overrides replace them.
         try:
-            levers = recipe_levers(merged.generator.recipe)
+            levers = recipe_levers(merged.generator.recipe, merged.generator.model)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if levers:

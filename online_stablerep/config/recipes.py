@@ -5,7 +5,8 @@ project; the training hyper-parameters of the paper are the `sd15_vitb16` preset
 A recipe's levers replace the preset's generator keys; `key=value` overrides replace the
 recipe's (so `generator.recipe=fast generator.lora=/my/lcm-lora` keeps the recipe and swaps the
 adapter). The adapters named here are released for the SD1.5 architecture; with another model
-or offline, point `generator.lora` / `generator.tiny_vae` at matching artefacts. What each recipe
+or offline, point `generator.lora` / `generator.tiny_vae` at matching artefacts; the shipped toy
+model takes its own distilled student instead (SHIPPED_MODEL_LEVERS). What each recipe
 costs in quality, as far as is known, is in docs/recipes.md.
 """
 
@@ -65,8 +66,17 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe_levers(name: str) -> dict[str, Any]:
-    """The generator.* keys of recipe `name` ("" = none: no keys).
+# A shipped model's own students replace the recipe's released adapters (which fit SD1.5 only):
+# (generator.model, recipe) -> levers that replace the recipe's. The toy model keeps its own
+# VAE (already smaller than AutoencoderTiny) and runs eager: it is the CPU demo's model, and on
+# a CPU the compile warm-up would outlast a short run.
+SHIPPED_MODEL_LEVERS: dict[tuple[str, str], dict[str, Any]] = {
+    ("toy", "fast"): {"lora": "toy-lcm-lora", "tiny_vae": "", "compile": False},
+}
+
+
+def recipe_levers(name: str, model: str = "") -> dict[str, Any]:
+    """The generator.* keys of recipe `name` ("" = none: no keys) for generator.model `model`.
 
     Raises:
         ValueError: naming generator.recipe for an unknown name.
@@ -76,4 +86,4 @@ def recipe_levers(name: str) -> dict[str, Any]:
     if name not in RECIPES:
         raise ValueError(f"generator.recipe={name!r} is not one of {', '.join(RECIPES)} "
                          "(or \"\" for none)")
-    return dict(RECIPES[name].levers)
+    return {**RECIPES[name].levers, **SHIPPED_MODEL_LEVERS.get((model, name), {})}

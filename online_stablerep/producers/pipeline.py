@@ -35,7 +35,7 @@ from online_stablerep.producers.architectures import (
 )
 from online_stablerep.producers.artefacts import fuse_lora, load_tiny_vae, load_unet
 from online_stablerep.producers.feature_cache import DeepCacheUNet
-from online_stablerep.producers.shipped import SHIPPED_MODELS
+from online_stablerep.producers.shipped import SHIPPED_ADAPTERS, SHIPPED_MODELS
 from online_stablerep.producers.tokenizer import build_clip_tokenizer, check_vocab_size
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,8 @@ def build_components(cfg: GeneratorConfig, device: torch.device | str) -> Compon
     if cfg.unet:
         parts["unet"] = load_unet(cfg.unet, dtype)
     if cfg.lora:
-        fuse_lora(parts, cfg.lora, cfg.lora_weight_name, cfg.lora_scale)
+        fuse_lora(parts, str(SHIPPED_ADAPTERS.get(cfg.lora, cfg.lora)), cfg.lora_weight_name,
+                  cfg.lora_scale)
     unet = parts["unet"]
     if cfg.tiny_vae:
         vae = load_tiny_vae(cfg.tiny_vae, dtype)

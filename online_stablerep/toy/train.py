@@ -9,9 +9,9 @@ Four phases, one process, seeded:
    the weights; every `eval_every` steps the EMA model samples each category through the
    project's own Sampler and the classifier scores it, and the folder is saved.
 
-The saved folder is a standard diffusers StableDiffusionPipeline folder (fp16 safetensors,
-model_index.json, tokenizer, scheduler) plus `classifier.safetensors` and `toy_training.json`
-(loss curve, sample accuracy, command, seed, wall time).
+The saved folder is a standard diffusers StableDiffusionPipeline folder (fp16 UNet and VAE, fp32
+text encoder, model_index.json, tokenizer, scheduler) plus `classifier.safetensors` and
+`toy_training.json` (loss curve, sample accuracy, command, seed, wall time).
 """
 
 from __future__ import annotations
@@ -166,14 +166,14 @@ def train_vae(bank: torch.Tensor, steps: int, batch: int, seed: int) -> tuple[An
     return vae, mse
 
 
-def _colour_plan(count: int, p_colour: float, g: torch.Generator) -> list[str | None]:
+def colour_plan(count: int, p_colour: float, g: torch.Generator) -> list[str | None]:
     """A colour word (or None: any hue) for each of `count` bank images."""
     u = torch.rand(count, generator=g).tolist()
     pick = torch.randint(len(_COLOUR_NAMES), (count,), generator=g).tolist()
     return [_COLOUR_NAMES[k] if p < p_colour else None for p, k in zip(u, pick, strict=True)]
 
 
-def _draw_captions(labels: list[int], colours: list[str | None], p_uncond: float,
+def draw_captions(labels: list[int], colours: list[str | None], p_uncond: float,
                    g: torch.Generator) -> list[str]:
     """Training captions: an image of a named colour is captioned with its colour word three
     times in four (the plain caption means any colour); a few captions are dropped (guidance)."""
@@ -207,9 +207,15 @@ def sample_accuracy(components: Components, classifier: CategoryClassifier, step
 def save_folder(out: Path, unet: torch.nn.Module, vae: torch.nn.Module,
                 text_encoder: torch.nn.Module, tokenizer: Any, classifier: CategoryClassifier,
                 record: dict[str, Any]) -> None:
-    """Write the diffusers folder (fp16 weights) and the side files, replacing `out` whole."""
+    """Write the diffusers folder (fp16 UNet and VAE, fp32 text encoder) and the side files,
+    replacing `out` whole.
+
+    The text encoder stays fp32: transformers loads a model in its stored dtype while diffusers
+    loads the UNet and VAE in fp32, so a plain `DiffusionPipeline.from_pretrained(out)` with an
+    fp16 text encoder fails at its first call on a CPU (Half and Float in one matmul).
+    """
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(),
+        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).float(),
         tokenizer=tokenizer, unet=copy.deepcopy(unet).half(),
         scheduler=DPMSolverMultistepScheduler.from_config(TOY_SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -275,7 +281,7 @@ def train_toy_generator(cfg: ToyTrainConfig) -> dict[str, Any]:
     # Latents of the whole bank, encoded once: each render with one colouring, a colour word
     # for half of them.
     c, n = bank.shape[:2]
-    colours = _colour_plan(c * n, cfg.p_colour, g)
+    colours = colour_plan(c * n, cfg.p_colour, g)
     with torch.no_grad():
         flat = bank.flatten(0, 1)
         latent_bank = torch.cat([
@@ -290,7 +296,7 @@ def train_toy_generator(cfg: ToyTrainConfig) -> dict[str, Any]:
     while step < cfg.steps:
         index = torch.randint(c * n, (cfg.batch_size,), generator=g)
         latents = latent_bank[index]
-        captions = _draw_captions((index // n).tolist(), [colours[i] for i in index.tolist()],
+        captions = draw_captions((index // n).tolist(), [colours[i] for i in index.tolist()],
                                   cfg.p_uncond, g)
         for text in set(captions) - token_cache.keys():
             token_cache[text] = tokenizer(text, padding="max_length", truncation=True,
