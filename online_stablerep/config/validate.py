@@ -7,7 +7,7 @@ from pathlib import Path
 
 from online_stablerep.config.recipes import RECIPES
 from online_stablerep.config.schema import Config
-from online_stablerep.replay.buffer import DRAWS, default_min_pool
+from online_stablerep.replay.buffer import DRAWS, POSITIVES, default_min_pool
 
 GUIDANCE_PRESETS: dict[str, list[float]] = {
     "small": [2.0, 3.0],
@@ -83,10 +83,14 @@ def validate(cfg: Config) -> None:
     _require(b.captions_per_batch >= 1, "batch.captions_per_batch", "must be >= 1")
     _require(b.views_per_caption >= 2, "batch.views_per_caption",
              f"need at least 2 views per caption for positives, got {b.views_per_caption}")
-    _require(p.images_per_caption >= 2, "producer.images_per_caption",
-             f"need at least 2 images per caption, got {p.images_per_caption}")
+    _one_of(b.positives, "batch.positives", POSITIVES)
+    # SimCLR positives need one image per group; multi-positive ones k distinct images.
+    least = 1 if b.positives == "image" else 2
+    _require(p.images_per_caption >= least, "producer.images_per_caption",
+             f"need at least {least} images per caption, got {p.images_per_caption}")
     # Stored groups (producer.kind=shards) bring their own image count, checked as read.
-    _require(p.kind == "shards" or b.views_per_caption <= p.images_per_caption,
+    _require(p.kind == "shards" or b.positives == "image"
+             or b.views_per_caption <= p.images_per_caption,
              "batch.views_per_caption",
              f"{b.views_per_caption} views > producer.images_per_caption={p.images_per_caption}")
     _require(b.captions_per_batch * b.views_per_caption >= 2, "batch.captions_per_batch",
@@ -169,6 +173,11 @@ def validate(cfg: Config) -> None:
     _require(all(x >= 0 for x in e.weight_decays), "eval.weight_decays", "must be >= 0")
     _require(e.epochs >= 1, "eval.epochs", "must be >= 1")
     _require(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    # The registry lives with the suites' images (eval); imported here only to list names.
+    from online_stablerep.eval.suites import SUITES
+
+    _require(e.suite == "" or e.suite in SUITES, "eval.suite",
+             f"{e.suite!r} is not one of {', '.join(SUITES)} (or \"\" for eval.dataset)")
     _validate_mix(cfg)
 
 

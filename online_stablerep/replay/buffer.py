@@ -20,6 +20,9 @@ def group_key(group: CaptionGroup) -> GroupKey:
 
 
 DRAWS = ("random", "sequential")
+# What a group's k views are: k distinct images ("caption") or k copies of one image ("image",
+# SimCLR), which the trainer's per-view augmentation turns into k different views.
+POSITIVES = ("caption", "image")
 
 
 def default_min_pool(n: int, max_reuse: int, draw: str = "random") -> int:
@@ -60,7 +63,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, max_reuse: int, min_pool: int = 1,
                  fresh_weight: float = 1.0, seed: int = 0, track_keys: bool = False,
-                 draw: str = "random"):
+                 draw: str = "random", positives: str = "caption"):
         if capacity < 1 or max_reuse < 1:
             raise ValueError("replay buffer needs capacity >= 1 and max_reuse >= 1")
         if min_pool > capacity:
@@ -69,7 +72,10 @@ class ReplayBuffer:
             raise ValueError("replay.fresh_weight must be > 0")
         if draw not in DRAWS:
             raise ValueError(f"replay.draw must be one of {DRAWS}, got {draw!r}")
+        if positives not in POSITIVES:
+            raise ValueError(f"batch.positives must be one of {POSITIVES}, got {positives!r}")
         self.draw = draw
+        self.positives = positives
         self.capacity = capacity
         self.max_reuse = max_reuse
         self.min_pool = min_pool
@@ -211,12 +217,16 @@ class ReplayBuffer:
             views = []
             for slot in chosen:
                 images = slot.group.images_kchw
-                if images.shape[0] < k:
+                if self.positives == "image":
+                    one = torch.randint(images.shape[0], (1,), generator=self._generator)
+                    pick = one.expand(k)
+                elif images.shape[0] < k:
                     raise ValueError(
                         f"caption group {slot.group.caption_id} from rank "
                         f"{slot.group.producer_rank} has {images.shape[0]} images, batch needs {k}"
                     )
-                pick = torch.randperm(images.shape[0], generator=self._generator)[:k]
+                else:
+                    pick = torch.randperm(images.shape[0], generator=self._generator)[:k]
                 views.append(images[pick])
                 self.groups_drawn += int(slot.uses == 0)
                 if slot.uses == 0:
