@@ -22,10 +22,13 @@ suite (docs/evaluation.md). Arms:
   fixed_equal costs (generation + training) under the FLOP model with the `paper` recipe and
   with the fastest recipe (`turbo`).
 
-Costs are those of the paper's scale, from planning/flops.py: a toy image is charged as one SD1.5
+The online arms read back the stream the toy model generated for online_r1 (the same groups in
+the same order, so each reuse level does not generate its images again); images generated are
+counted as the groups each arm consumed from it. Costs are those of the paper's scale, from planning/flops.py: a toy image is charged as one SD1.5
 image at 512 px (paper recipe or turbo), a toy view as one ViT-B/16 view at 224 px, converted to
 H100-seconds at the FLOP model's assumed utilisations. Results go to DIR/online_vs_fixed.json,
-.csv and .png after every finished run, so a cut run still leaves a table.
+.csv and .png after every finished run, so a cut run still leaves a table; generated shards, run
+folders and the suite's image cache go to --work.
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ COMMON = [
     "train.image_grid_every=0", "train.log_every=50", "train.audit=true",
     "captions.path=toy_colours", f"batch.captions_per_batch={N}", f"batch.views_per_caption={K}",
     "eval.probe_at_end=true", f"eval.suite={SUITE}", "eval.baselines=false",
+    # Generation (the sets) and shards reading: one call makes or reads a batch's captions.
+    f"producer.captions_per_call={N}",
+    # 2 DPM-Solver++ steps: half the cost of cpu_demo's 4, same alignment and probe
+    # (docs/toy-model.md, experiments); the toy's cost is not what the accounting charges.
+    "generator.steps=2",
 ]
 
 
@@ -130,19 +138,16 @@ def fixed_groups(steps: int, reuse: int) -> int:
     return max(N, round(steps * VIEWS_PER_STEP / (reuse * M) / N) * N)
 
 
-def make_fixed_set(seed: int, groups: int, small: int, out: Path) -> dict:
-    """Generate `groups` caption groups of m images with the toy model through export.shards_dir
-    (the real spill path: SpillingProducer and ShardWriter), in files of N groups; copy the
-    first `small` groups' files to out/small. Returns images and seconds."""
+def generate_groups(seed: int, groups: int, images_per_group: int, out: Path,
+                    groups_per_shard: int) -> float:
+    """Make `groups` caption groups with the toy model into shards at `out`, through
+    export.shards_dir (the real spill path: SpillingProducer and ShardWriter). Returns seconds."""
     from online_stablerep.producers import build_producer
 
-    equal_dir, small_dir = out / "equal", out / "small"
-    for folder in (equal_dir, small_dir):
-        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     cfg = load_config("cpu_demo", [
-        *COMMON, f"producer.seed={seed}", f"producer.images_per_caption={M}",
-        f"producer.captions_per_call={N}", f"export.shards_dir={equal_dir}",
-        f"export.groups_per_shard={N}",
+        *COMMON, f"producer.seed={seed}", f"producer.images_per_caption={images_per_group}",
+        f"export.shards_dir={out}", f"export.groups_per_shard={groups_per_shard}",
     ])
     start = time.perf_counter()
     producer = build_producer(cfg, shard=0, num_shards=1, device="cpu")
@@ -153,25 +158,49 @@ def make_fixed_set(seed: int, groups: int, small: int, out: Path) -> dict:
             made += len(producer.next_groups())
     finally:
         producer.close()
-    files = sorted(equal_dir.glob("*.tar"))
+    return time.perf_counter() - start
+
+
+def make_sets(seed: int, steps: int, equal: int, small: int, out: Path) -> dict:
+    """One seed's generated images: the online stream (groups of k in generation order, enough
+    for every step of online_r1) and the fixed set (`equal` groups of m; its first `small`
+    groups copied to out/small). A complete earlier set of the same sizes is reused."""
+    stream_groups = steps * N + 8 * N  # one group per caption and step, plus read-ahead
+    done = out / "sets.json"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        if (info["stream_groups"], info["equal_groups"], info["small_groups"]) == (
+                stream_groups, equal, small):
+            return info
+    stream_s = generate_groups(seed, stream_groups, K, out / "stream", groups_per_shard=1000)
+    fixed_s = generate_groups(seed, equal, M, out / "equal", groups_per_shard=N)
+    small_dir = out / "small"
+    shutil.rmtree(small_dir, ignore_errors=True)
     small_dir.mkdir(parents=True)
-    for path in files[: small // N]:
+    for path in sorted((out / "equal").glob("*.tar"))[: small // N]:
         shutil.copy(path, small_dir / path.name)
-    return {"seed": seed, "groups": made, "images": made * M,
-            "small_groups": small, "seconds": round(time.perf_counter() - start, 1)}
+    info = {"seed": seed, "stream_groups": stream_groups, "stream_s": round(stream_s, 1),
+            "images_per_s": round(stream_groups * K / stream_s, 2), "equal_groups": equal,
+            "images": equal * M, "small_groups": small, "fixed_s": round(fixed_s, 1)}
+    done.write_text(json.dumps(info))  # last: a set without it is made again
+    return info
 
 
 def arm_overrides(arm: Arm, seed: int, steps: int, sets: Path) -> list[str]:
     warmup = max(1, round(steps * WARMUP_FRACTION))
     common = [*COMMON, f"seed={seed}", f"train.steps={steps}", f"optim.warmup_steps={warmup}",
               f"batch.positives={arm.positives}"]
+    seed_sets = sets / f"seed{seed}"
     if arm.source == "online":
-        # A group is k fresh images, each used once per use of the group.
-        return [*common, f"producer.seed={seed}", f"producer.images_per_caption={K}",
+        # The generator's stream read back in generation order, once (train.epochs=1): the
+        # groups, their order and the draws are what generating in the loop gives, without
+        # generating the same images again for every reuse level.
+        return [*common, "producer.kind=shards", f"shards.path={seed_sets / 'stream'}",
+                "shards.shuffle_files=false", "train.epochs=1",
                 f"replay.max_reuse={arm.max_reuse}"]
     if arm.source == "fixed":
         # Each group once per pass over the set; a pool of 4n mixes batches across files.
-        return [*common, "producer.kind=shards", f"shards.path={sets / f'seed{seed}' / arm.fixed_set}",
+        return [*common, "producer.kind=shards", f"shards.path={seed_sets / arm.fixed_set}",
                 "replay.max_reuse=1", f"replay.min_pool={4 * N}"]
     # Real renders of the toy world's categories: producer.seed 0 defines them (cpu_demo).
     images = 1 if arm.positives == "image" else K
@@ -179,13 +208,13 @@ def arm_overrides(arm: Arm, seed: int, steps: int, sets: Path) -> list[str]:
             f"producer.images_per_caption={images}", "replay.max_reuse=1"]
 
 
-def run_arm(arm: Arm, seed: int, steps: int, out: Path, sets: dict, quick: bool,
+def run_arm(arm: Arm, seed: int, steps: int, work: Path, sets: dict, quick: bool,
             timeout_s: float) -> dict:
-    """Train and probe one arm for one seed in a fresh process; its row."""
-    run_dir = out / "runs" / f"{arm.name}-s{seed}"
+    """Train and probe one arm for one seed in a fresh process (in work/runs); its row."""
+    run_dir = work / "runs" / f"{arm.name}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [f"output_dir={run_dir}", f"eval.cache_dir={out / 'cache'}",
-                 *arm_overrides(arm, seed, steps, out / "sets")]
+    overrides = [f"output_dir={run_dir}", f"eval.cache_dir={work / 'cache'}",
+                 *arm_overrides(arm, seed, steps, work / "sets")]
     if quick:
         overrides.append("eval.epochs=5")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -220,7 +249,6 @@ def run_arm(arm: Arm, seed: int, steps: int, out: Path, sets: dict, quick: bool,
         "uses_per_generated_image": round(views / generated, 2) if generated else None,
         **{key: probe.get(key) for key in METRICS},
         "fewshot_5way_5shot_ci95": probe.get("fewshot_5way_5shot_ci95"),
-        "batch_overlap": round(audit["batch_overlap"], 3),
         "last_loss": summary["last_loss"],
         "wall_s": round(time.perf_counter() - start, 1),
     }
@@ -305,7 +333,10 @@ def write(out: Path, settings: dict, cost: dict, sets: dict, rows: list[dict],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "online_vs_fixed")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="where online_vs_fixed.json, .csv and .png go")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/online_vs_fixed"),
+                        help="generated shards, run folders and the suite cache (reusable)")
     parser.add_argument("--quick", action="store_true",
                         help="every arm for a few steps, one seed, a short probe (a smoke run)")
     parser.add_argument("--steps", type=int, default=270, help="trainer steps of every arm")
@@ -322,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.seeds = 12, args.seeds[:1]
     torch.set_num_threads(1)
     begin = time.monotonic()
-    out = args.out
+    out, work = args.out, args.work
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings.update(n=N, k=K, m=M, suite=SUITE, corpus="toy_colours",
                     command="python benchmarks/online_vs_fixed.py " + " ".join(argv or sys.argv[1:]))
@@ -331,28 +363,45 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in ARMS if a.name in args.arms]
     equal = fixed_groups(args.steps, FIXED_REUSE)
     small = fixed_groups(args.steps, SMALL_REUSE)
-    # 1. The fixed sets, one per seed (each seed's arms see their own generated images).
+    # 1. The generated images, per seed (each seed's arms see their own).
     sets: dict[int, dict] = {}
-    if any(a.source == "fixed" for a in arms):
+    ready = {seed: threading.Event() for seed in args.seeds}
+    failures: list[str] = []
+
+    def generate() -> None:
+        # A thread of its own, seed by seed, while runs that need no sets (real renders) or
+        # an earlier seed's sets go on beside it.
         for seed in args.seeds:
-            sets[seed] = make_fixed_set(seed, equal, small, out / "sets" / f"seed{seed}")
-            print(f"fixed set seed {seed}: {sets[seed]}", flush=True)
-    # 2. The runs, seed-major: a cut run holds every arm for the first seeds.
+            try:
+                sets[seed] = make_sets(seed, args.steps, equal, small,
+                                       work / "sets" / f"seed{seed}")
+                print(f"generated seed {seed}: {sets[seed]}", flush=True)
+            except Exception as err:  # noqa: BLE001 - reported with the results, runs go on
+                failures.append(f"generating seed {seed}: {err!r}")
+            finally:
+                ready[seed].set()
+
+    # 2. The runs, seed-major (a cut run holds every arm for the first seeds); real-render arms
+    # first in each seed, since they need no generated images.
     steps_of = {a.name: (budget_steps(a.budget_recipe, args.steps, equal * M, cost)
                          if a.budget_recipe else args.steps) for a in arms}
     settings["steps_per_arm"] = steps_of
-    tasks = [(arm, seed) for seed in args.seeds for arm in arms]
+    tasks = [(arm, seed) for seed in args.seeds
+             for arm in sorted(arms, key=lambda a: a.source != "real")]
     rows: list[dict] = []
-    failures: list[str] = []
     lock = threading.Lock()
 
     def work(arm: Arm, seed: int) -> None:
+        if arm.source != "real":
+            ready[seed].wait()
+            if seed not in sets:
+                return
         if args.deadline_min and time.monotonic() - begin > args.deadline_min * 60:
             with lock:
                 failures.append(f"{arm.name} seed {seed}: not started (deadline)")
             return
         try:
-            row = add_costs(run_arm(arm, seed, steps_of[arm.name], out, sets, args.quick,
+            row = add_costs(run_arm(arm, seed, steps_of[arm.name], work, sets, args.quick,
                                     args.run_timeout_min * 60), cost)
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             with lock:
@@ -366,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: row[k] for k in ("arm", "seed", "steps", "images_generated",
                                               "linear_top1", "wall_s")}), flush=True)
 
+    if any(a.source != "real" for a in arms):
+        threading.Thread(target=generate, daemon=True).start()
+    else:
+        for event in ready.values():
+            event.set()
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in [pool.submit(work, arm, seed) for arm, seed in tasks]:
             future.result()

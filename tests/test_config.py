@@ -48,11 +48,21 @@ def test_overrides_apply():
         ("export.groups_per_shard=0", "export.groups_per_shard"),
         ("producer.kind=shards", "shards.path"),
         ("mix.prefetch_batches=-1", "mix.prefetch_batches"),
+        ("batch.positives=views", "batch.positives"),
+        ("eval.suite=procedural1000", "eval.suite"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("cpu_demo", [override])
+
+
+def test_image_positives_need_only_one_image_per_caption():
+    # SimCLR positives (batch.positives=image) are k augmentations of one image.
+    cfg = load_config("cpu_demo", ["batch.positives=image", "producer.images_per_caption=1"])
+    assert cfg.batch.positives == "image" and cfg.producer.images_per_caption == 1
+    with pytest.raises(ConfigError, match=r"producer\.images_per_caption"):
+        load_config("cpu_demo", ["batch.positives=image", "producer.images_per_caption=0"])
 
 
 def test_shards_are_not_exported_again():
