@@ -314,6 +314,29 @@ def plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(document: dict) -> str:
+    """The summary table of a results document, as docs/evidence.md shows it."""
+    def cell(entry: dict, key: str, digits: int = 3) -> str:
+        if key not in entry:
+            return ""
+        ci = entry.get(key + "_ci95", 0.0)
+        return f"{entry[key]:.{digits}f} ± {ci:.{digits}f}" if entry["seeds"] > 1 else \
+            f"{entry[key]:.{digits}f}"
+
+    lines = ["| arm | seeds | steps | images generated | views / image | linear top-1 | "
+             "k-NN top-1 | 5-way 1-shot | 5-way 5-shot | cost, paper recipe (H100-s) | "
+             "cost, fastest recipe (H100-s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for entry in document["table"]:
+        images = entry["images_generated"]
+        uses = f"{entry['views_trained'] / images:.1f}" if images else "real"
+        lines.append(
+            f"| {entry['arm']} | {entry['seeds']} | {entry['steps']:.0f} | {images:.0f} | {uses} | "
+            + " | ".join(cell(entry, key) for key in METRICS)
+            + f" | {entry['cost_paper_h100_s']:.1f} | {entry['cost_fast_h100_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def write(out: Path, settings: dict, cost: dict, sets: dict, rows: list[dict],
           failures: list[str]) -> None:
     table = summarise(rows)
@@ -343,12 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=[a.name for a in ARMS],
                         choices=[a.name for a in ARMS])
+    parser.add_argument("--table", type=Path, default=None, metavar="JSON",
+                        help="print the markdown table of an existing results file and exit")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     parser.add_argument("--deadline-min", type=float, default=0.0,
                         help="start no run after this many minutes (0 = none)")
     parser.add_argument("--run-timeout-min", type=float, default=40.0,
                         help="a run taking longer than this fails")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     if args.quick:
         args.steps, args.seeds = 12, args.seeds[:1]
     torch.set_num_threads(1)
