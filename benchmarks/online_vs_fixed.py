@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     lock = threading.Lock()
 
-    def work(arm: Arm, seed: int) -> None:
+    def run_task(arm: Arm, seed: int) -> None:
         if arm.source != "real":
             ready[seed].wait()
             if seed not in sets:
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         for event in ready.values():
             event.set()
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(work, arm, seed) for arm, seed in tasks]:
+        for future in [pool.submit(run_task, arm, seed) for arm, seed in tasks]:
             future.result()
     write(out, settings, cost, sets, rows, failures)
     print(f"wrote {out / 'online_vs_fixed.json'} (.csv, .png): {len(rows)} runs, "
