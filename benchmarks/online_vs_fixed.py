@@ -4,9 +4,9 @@ with the toy text-to-image model on the CPU (docs/evidence.md).
     python benchmarks/online_vs_fixed.py [--out DIR] [--quick] [--jobs 2] [--deadline-min 70]
 
 Every arm trains the cpu_demo backbone (resnet10t at 32 px, n x k = 8 x 4, colocated in one
-process through `online-stablerep train`) for the same number of steps on the 80 captions of the
-toy model's world (`captions.path=toy_colours`), then probes it on the `procedural100` transfer
-suite (docs/evaluation.md). Arms:
+process through `online-stablerep train`) for the same number of steps on the captions of the toy
+model's world (`captions.path=toy`: its 10 shapes; `--corpus toy_colours`: the 80 captions with
+colour words), then probes it on the `procedural100` transfer suite (docs/evaluation.md). Arms:
 
 - online_r1 / online_r3 / online_r9: images generated during training, each group (k = 4
   images) used at most 1, 3 or 9 times (`replay.max_reuse`);
@@ -71,7 +71,7 @@ METRICS = ("linear_top1", "knn_top1", "fewshot_5way_1shot", "fewshot_5way_5shot"
 COMMON = [
     "roles.generators=0", "train.cpu_threads=1", "train.checkpoint_every=0",
     "train.image_grid_every=0", "train.log_every=50", "train.audit=true",
-    "captions.path=toy_colours", f"batch.captions_per_batch={N}", f"batch.views_per_caption={K}",
+    f"batch.captions_per_batch={N}", f"batch.views_per_caption={K}",
     "eval.probe_at_end=true", f"eval.suite={SUITE}", "eval.baselines=false",
     # Generation (the sets) and shards reading: one call makes or reads a batch's captions.
     f"producer.captions_per_call={N}",
@@ -139,14 +139,15 @@ def fixed_groups(steps: int, reuse: int) -> int:
 
 
 def generate_groups(seed: int, groups: int, images_per_group: int, out: Path,
-                    groups_per_shard: int) -> float:
+                    groups_per_shard: int, corpus: str) -> float:
     """Make `groups` caption groups with the toy model into shards at `out`, through
     export.shards_dir (the real spill path: SpillingProducer and ShardWriter). Returns seconds."""
     from online_stablerep.producers import build_producer
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config("cpu_demo", [
-        *COMMON, f"producer.seed={seed}", f"producer.images_per_caption={images_per_group}",
+        *COMMON, f"captions.path={corpus}", f"producer.seed={seed}",
+        f"producer.images_per_caption={images_per_group}",
         f"export.shards_dir={out}", f"export.groups_per_shard={groups_per_shard}",
     ])
     start = time.perf_counter()
@@ -161,7 +162,7 @@ def generate_groups(seed: int, groups: int, images_per_group: int, out: Path,
     return time.perf_counter() - start
 
 
-def make_sets(seed: int, steps: int, equal: int, small: int, out: Path) -> dict:
+def make_sets(seed: int, steps: int, equal: int, small: int, out: Path, corpus: str) -> dict:
     """One seed's generated images: the online stream (groups of k in generation order, enough
     for every step of online_r1) and the fixed set (`equal` groups of m; its first `small`
     groups copied to out/small). A complete earlier set of the same sizes is reused."""
@@ -169,26 +170,26 @@ def make_sets(seed: int, steps: int, equal: int, small: int, out: Path) -> dict:
     done = out / "sets.json"
     if done.is_file():
         info = json.loads(done.read_text())
-        if (info["stream_groups"], info["equal_groups"], info["small_groups"]) == (
-                stream_groups, equal, small):
+        if (info["stream_groups"], info["equal_groups"], info["small_groups"],
+                info.get("corpus")) == (stream_groups, equal, small, corpus):
             return info
-    stream_s = generate_groups(seed, stream_groups, K, out / "stream", groups_per_shard=1000)
-    fixed_s = generate_groups(seed, equal, M, out / "equal", groups_per_shard=N)
+    stream_s = generate_groups(seed, stream_groups, K, out / "stream", 1000, corpus)
+    fixed_s = generate_groups(seed, equal, M, out / "equal", N, corpus)
     small_dir = out / "small"
     shutil.rmtree(small_dir, ignore_errors=True)
     small_dir.mkdir(parents=True)
     for path in sorted((out / "equal").glob("*.tar"))[: small // N]:
         shutil.copy(path, small_dir / path.name)
-    info = {"seed": seed, "stream_groups": stream_groups, "stream_s": round(stream_s, 1),
+    info = {"seed": seed, "corpus": corpus, "stream_groups": stream_groups, "stream_s": round(stream_s, 1),
             "images_per_s": round(stream_groups * K / stream_s, 2), "equal_groups": equal,
             "images": equal * M, "small_groups": small, "fixed_s": round(fixed_s, 1)}
     done.write_text(json.dumps(info))  # last: a set without it is made again
     return info
 
 
-def arm_overrides(arm: Arm, seed: int, steps: int, sets: Path) -> list[str]:
+def arm_overrides(arm: Arm, seed: int, steps: int, sets: Path, corpus: str) -> list[str]:
     warmup = max(1, round(steps * WARMUP_FRACTION))
-    common = [*COMMON, f"seed={seed}", f"train.steps={steps}", f"optim.warmup_steps={warmup}",
+    common = [*COMMON, f"captions.path={corpus}", f"seed={seed}", f"train.steps={steps}", f"optim.warmup_steps={warmup}",
               f"batch.positives={arm.positives}"]
     seed_sets = sets / f"seed{seed}"
     if arm.source == "online":
@@ -209,12 +210,12 @@ def arm_overrides(arm: Arm, seed: int, steps: int, sets: Path) -> list[str]:
 
 
 def run_arm(arm: Arm, seed: int, steps: int, work: Path, sets: dict, quick: bool,
-            timeout_s: float) -> dict:
+            timeout_s: float, corpus: str) -> dict:
     """Train and probe one arm for one seed in a fresh process (in work/runs); its row."""
     run_dir = work / "runs" / f"{arm.name}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"output_dir={run_dir}", f"eval.cache_dir={work / 'cache'}",
-                 *arm_overrides(arm, seed, steps, work / "sets")]
+                 *arm_overrides(arm, seed, steps, work / "sets", corpus)]
     if quick:
         overrides.append("eval.epochs=5")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -368,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[a.name for a in ARMS])
     parser.add_argument("--table", type=Path, default=None, metavar="JSON",
                         help="print the markdown table of an existing results file and exit")
+    parser.add_argument("--corpus", default="toy", choices=["toy", "toy_colours"],
+                        help="captions of the generated arms (docs/evidence.md: why toy)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of --out's results file made with the same steps "
+                             "(and corpus, for generated arms) and run only the rest")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     parser.add_argument("--deadline-min", type=float, default=0.0,
                         help="start no run after this many minutes (0 = none)")
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings.update(n=N, k=K, m=M, suite=SUITE, corpus="toy_colours",
+    settings.update(n=N, k=K, m=M, suite=SUITE,
                     command="python benchmarks/online_vs_fixed.py " + " ".join(argv or sys.argv[1:]))
     cost = cost_model()
     arms = [a for a in ARMS if a.name in args.arms]
@@ -402,27 +408,40 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             try:
                 sets[seed] = make_sets(seed, args.steps, equal, small,
-                                       work / "sets" / f"seed{seed}")
+                                       work / "sets" / f"seed{seed}", args.corpus)
                 print(f"generated seed {seed}: {sets[seed]}", flush=True)
             except Exception as err:  # noqa: BLE001 - reported with the results, runs go on
                 failures.append(f"generating seed {seed}: {err!r}")
             finally:
                 ready[seed].set()
 
-    # 2. The runs, seed-major (a cut run holds every arm for the first seeds); real-render arms
-    # first in each seed, since they need no generated images.
+    # 2. The runs: real-render arms of every seed first (they need no generated images, so they
+    # fill the wait for the first seed's), then seed-major (a cut run holds every arm for the
+    # first seeds).
     steps_of = {a.name: (budget_steps(a.budget_recipe, args.steps, equal * M, cost)
                          if a.budget_recipe else args.steps) for a in arms}
     settings["steps_per_arm"] = steps_of
-    tasks = [(arm, seed) for seed in args.seeds
-             for arm in sorted(arms, key=lambda a: a.source != "real")]
+    tasks = [(arm, seed) for seed in args.seeds for arm in arms if arm.source == "real"]
+    tasks += [(arm, seed) for seed in args.seeds for arm in arms if arm.source != "real"]
     rows: list[dict] = []
+    previous = out / "online_vs_fixed.json"
+    if args.resume and previous.is_file():
+        # Real-render arms do not read the corpus: their rows stay valid across corpora.
+        document = json.loads(previous.read_text())
+        same = document["settings"]["steps"] == args.steps
+        rows = [r for r in document["rows"] if same and r["arm"] in steps_of and (
+            r["source"] == "real" or document["settings"].get("corpus") == args.corpus)]
+        done = {(r["arm"], r["seed"]) for r in rows}
+        tasks = [(arm, seed) for arm, seed in tasks if (arm.name, seed) not in done]
+        print(f"resuming: {len(rows)} rows kept, {len(tasks)} runs to go", flush=True)
     lock = threading.Lock()
 
     def run_task(arm: Arm, seed: int) -> None:
         if arm.source != "real":
             ready[seed].wait()
             if seed not in sets:
+                with lock:
+                    failures.append(f"{arm.name} seed {seed}: not run (no generated images)")
                 return
         if args.deadline_min and time.monotonic() - begin > args.deadline_min * 60:
             with lock:
@@ -430,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         try:
             row = add_costs(run_arm(arm, seed, steps_of[arm.name], work, sets, args.quick,
-                                    args.run_timeout_min * 60), cost)
+                                    args.run_timeout_min * 60, args.corpus), cost)
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             with lock:
                 failures.append(str(err)[-2000:])

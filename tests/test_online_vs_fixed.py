@@ -41,7 +41,7 @@ def test_every_arm_has_valid_overrides(tmp_path):
     from online_stablerep.config import load_config
 
     for arm in bench.ARMS:
-        overrides = bench.arm_overrides(arm, 1, 20, tmp_path)
+        overrides = bench.arm_overrides(arm, 1, 20, tmp_path, "toy")
         cfg = load_config("cpu_demo", overrides)
         assert cfg.batch.positives == arm.positives and cfg.train.steps == 20
         assert cfg.eval.suite == bench.SUITE
