@@ -147,6 +147,7 @@ def _one_line(text: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # builds models and loads a checkpoint: ~10 s on a busy machine
 def test_probe_command_answers_bad_input_with_one_line(tmp_path, capsys):
     # Unknown suite: a config error before anything is built.
     assert _probe(["--suite", "procedural1000", f"output_dir={tmp_path}"]) == 2
