@@ -195,6 +195,7 @@ def test_reuse_evidence_prefers_the_online_vs_fixed_measurement(tmp_path):
     note = evidence.note()
     assert "R=3 0.690 ± 0.030" in note and "procedural100" in note and "150 steps" in note
     assert "fixed set of R=9's images (the paper's regime) 0.620 ± 0.010" in note
+    assert "up to ±0.050, are wider than that: not resolved" in note
 
 
 def test_flop_model_counts_each_recipe_lever():

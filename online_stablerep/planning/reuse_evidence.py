@@ -55,10 +55,13 @@ class ReuseEvidence:
         fixed = "" if self.fixed_set is None else (
             f"; a fixed set of R=9's images (the paper's regime) {self.fixed_set[0]:.3f} ± "
             f"{self.fixed_set[1]:.3f}")
+        widest = max(self.ci95_by_reuse.values(), default=0.0)
+        resolved = "" if widest <= TOLERANCE else (
+            f" (but the 95% CIs, up to ±{widest:.3f}, are wider than that: not resolved)")
         return (f"measured reuse cost ({self.source.name}: {self.setting}, {self.steps} steps, "
                 f"{self.seeds} seeds; probe top-1 {scores}{fixed}): reuse up to "
                 f"{self.supported_reuse} stayed within {TOLERANCE * 100:.0f} points of fresh "
-                "images there; a toy-scale measurement, not one of SD images")
+                f"images there{resolved}; a toy-scale measurement, not one of SD images")
 
 
 def _online_vs_fixed(path: Path) -> ReuseEvidence | None:
