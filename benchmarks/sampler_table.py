@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from benchmarks.common import RESULTS_DIR
 from online_stablerep.config import load_config
-from online_stablerep.producers.diffusion import DiffusionProducer
 from online_stablerep.fractals import render_images
+from online_stablerep.producers.diffusion import DiffusionProducer
 from online_stablerep.producers.shipped import SHIPPED_MODELS
 from online_stablerep.records import CaptionGroup
 from online_stablerep.shards.writer import ShardWriter

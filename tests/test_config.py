@@ -49,6 +49,8 @@ def test_overrides_apply():
         ("shards.groups_per_shard=0", "shards.groups_per_shard"),
         ("producer.kind=shards", "shards.path"),
         ("mix.prefetch_batches=-1", "mix.prefetch_batches"),
+        ("batch.positives=views", "batch.positives"),
+        ("eval.suite=procedural1000", "eval.suite"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -70,6 +72,15 @@ def test_renamed_keys_fail_naming_the_new_key(old, new, tmp_path):
     path.write_text(f"{section}:\n  {key}: 1\n")
     with pytest.raises(ConfigError, match=rf"{old} \({path}\) was renamed {new}"):
         load_config(str(path))
+
+
+def test_image_positives_need_only_one_image_per_caption():
+    # SimCLR positives (batch.positives=image) are k augmentations of one image.
+    cfg = load_config("cpu_demo", ["batch.positives=image", "producer.images_per_caption=1"])
+    assert cfg.batch.positives == "image" and cfg.producer.images_per_caption == 1
+    with pytest.raises(ConfigError, match=r"producer\.images_per_caption"):
+        load_config("cpu_demo", ["batch.positives=image", "producer.images_per_caption=0"])
+
 
 
 def test_unknown_preset_lists_presets():

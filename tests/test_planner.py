@@ -179,6 +179,28 @@ def test_reuse_evidence_names_the_largest_reuse_within_tolerance(tmp_path):
     assert "R=27 0.500" in evidence.note() and "reuse up to 9" in evidence.note()
 
 
+def test_reuse_evidence_prefers_the_online_vs_fixed_measurement(tmp_path):
+    import json
+
+    from online_stablerep.planning.reuse_evidence import load_reuse_evidence
+
+    (tmp_path / "reuse-cpu-2core.json").write_text(json.dumps({"settings": {"steps": 300}, "rows": [
+        {"max_reuse": 1, "draw": "random", "k": 4, "linear_top1": 0.9}]}))
+    table = [{"arm": "online_r1", "seeds": 3, "linear_top1": 0.70, "linear_top1_ci95": 0.02},
+             {"arm": "online_r3", "seeds": 3, "linear_top1": 0.69, "linear_top1_ci95": 0.03},
+             {"arm": "online_r9", "seeds": 2, "linear_top1": 0.64, "linear_top1_ci95": 0.05},
+             {"arm": "fixed_equal", "seeds": 3, "linear_top1": 0.62, "linear_top1_ci95": 0.01}]
+    (tmp_path / "online_vs_fixed.json").write_text(json.dumps(
+        {"settings": {"steps": 150, "suite": "procedural100"}, "table": table}))
+    evidence = load_reuse_evidence(tmp_path)
+    assert evidence.source.name == "online_vs_fixed.json" and evidence.seeds == 2
+    assert evidence.supported_reuse == 3  # R=9 falls 6 points
+    note = evidence.note()
+    assert "R=3 0.690 ± 0.030" in note and "procedural100" in note and "150 steps" in note
+    assert "fixed set of R=9's images (the paper's regime) 0.620 ± 0.010" in note
+    assert "up to ±0.050, are wider than that: not resolved" in note
+
+
 def test_flop_model_counts_each_recipe_lever():
     counted = count_diffusion_flops("sd15", 512)
     paper = flops_per_generated_image(counted, 20, [2.0], 10)

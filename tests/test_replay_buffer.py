@@ -151,3 +151,29 @@ def test_state_dict_round_trip_reproduces_draws():
     for _ in range(3):
         x, y = a.sample(2, 2), b.sample(2, 2)
         assert torch.equal(x.images, y.images) and torch.equal(x.caption_ids, y.caption_ids)
+
+
+def test_image_positives_repeat_one_image_of_each_group_k_times():
+    # SimCLR positives (batch.positives=image): the k rows of a group are one stored image, so
+    # the trainer's per-row augmentation makes k views of it; which image varies between uses.
+    buf = ReplayBuffer(capacity=8, max_reuse=50, positives="image", seed=3)
+    buf.add([make_group(c, k=5) for c in range(3)])
+    picked = set()
+    for _ in range(40):
+        batch = buf.sample(n=3, k=4)
+        values = batch.images[:, 0, 0, 0].view(4, 3)  # (k, n): view-major
+        assert torch.equal(values, values[:1].expand(4, 3))
+        assert (values[0] // 10).tolist() == batch.caption_ids[:3].tolist()
+        picked.update(values[0].tolist())
+    assert picked == {10 * c + j for c in range(3) for j in range(5)}
+
+
+def test_image_positives_take_groups_of_one_image():
+    buf = ReplayBuffer(capacity=8, max_reuse=1, positives="image")
+    buf.add([make_group(c, k=1) for c in range(2)])
+    assert buf.sample(n=2, k=3).images.shape == (6, 3, 2, 2)
+
+
+def test_unknown_positives_are_refused():
+    with pytest.raises(ValueError, match="batch.positives"):
+        ReplayBuffer(capacity=4, max_reuse=1, positives="views")

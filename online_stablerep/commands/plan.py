@@ -177,8 +177,14 @@ def make_plan(args: argparse.Namespace, cfg: Config) -> Plan:
         plan.notes.append(f"reuse budget: the config's replay.max_reuse={budget} "
                           "(--reuse-budget sets another)")
     evidence = load_reuse_evidence()
-    plan.notes.append(evidence.note() if evidence else
-                      "reuse cost not measured here: run benchmarks/reuse.py")
+    if evidence is None:
+        plan.notes.append("reuse cost not measured here: run benchmarks/online_vs_fixed.py")
+    else:
+        plan.notes.append(evidence.note())
+        if budget > evidence.supported_reuse:
+            plan.notes.append(f"the reuse budget {budget:g} is above the {evidence.supported_reuse} "
+                              "the measurement supports: expect a lower probe than fresh images "
+                              "(docs/evidence.md)")
     return plan
 
 

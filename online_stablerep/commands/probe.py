@@ -12,9 +12,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, default="cpu_procedural")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint folder (default: newest in output_dir)")
+    parser.add_argument("--suite", default=None,
+                        help="named transfer suite to probe on instead of eval.dataset "
+                             "(same as eval.suite=NAME; docs/evaluation.md), e.g. procedural100")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite is not None:
+        args.overrides = [*args.overrides, f"eval.suite={args.suite}"]
     cfg = load_or_report(args)
     if cfg is None:
         return 2

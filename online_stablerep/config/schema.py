@@ -92,6 +92,10 @@ class BatchConfig:
     captions_per_batch: int = 43
     # k: views (images) drawn from each caption group per batch.
     views_per_caption: int = 6
+    # What the k views of a group are: "caption" (k different images of the caption, the
+    # paper's multi-positive loss) or "image" (k augmentations of one image of the group:
+    # SimCLR's positives, the paper's baseline on the same images).
+    positives: str = "caption"
 
 
 @dataclass
@@ -360,6 +364,11 @@ class EvalConfig:
     probe_at_end: bool = False
     # "procedural" (held-out renders) or the path of an ImageFolder root with train/ and val/.
     dataset: str = "procedural"
+    # Named transfer suite probed instead of eval.dataset ("" = none), e.g. "procedural100":
+    # its own images and protocol, few-shot episodes included (docs/evaluation.md).
+    suite: str = ""
+    # Folder keeping a suite's rendered images between processes ("" = render once per process).
+    cache_dir: str = ""
     # Procedural probe: training images per class.
     train_per_class: int = 10
     # Procedural probe: test images per class.

@@ -21,6 +21,12 @@ PRODUCERS = ("procedural", "diffusion", "shards")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 # How the replay buffer draws a batch (replay.draw).
 REPLAY_DRAWS = ("random", "sequential")
+# What a group's k views are: k distinct images ("caption") or k copies of one image ("image",
+# SimCLR), which the trainer's per-view augmentation turns into k different views.
+BATCH_POSITIVES = ("caption", "image")
+# The named transfer suites of eval/suites.py (kept here so that config need not import eval;
+# tests/test_eval_suites.py checks the two lists agree).
+EVAL_SUITES = ("procedural100",)
 
 
 class ConfigError(ValueError):
@@ -86,10 +92,14 @@ def validate(cfg: Config) -> None:
     _require(b.captions_per_batch >= 1, "batch.captions_per_batch", "must be >= 1")
     _require(b.views_per_caption >= 2, "batch.views_per_caption",
              f"need at least 2 views per caption for positives, got {b.views_per_caption}")
-    _require(p.images_per_caption >= 2, "producer.images_per_caption",
-             f"need at least 2 images per caption, got {p.images_per_caption}")
+    _one_of(b.positives, "batch.positives", BATCH_POSITIVES)
+    # SimCLR positives need one image per group; multi-positive ones k distinct images.
+    least = 1 if b.positives == "image" else 2
+    _require(p.images_per_caption >= least, "producer.images_per_caption",
+             f"need at least {least} images per caption, got {p.images_per_caption}")
     # Stored groups (producer.kind=shards) bring their own image count, checked as read.
-    _require(p.kind == "shards" or b.views_per_caption <= p.images_per_caption,
+    _require(p.kind == "shards" or b.positives == "image"
+             or b.views_per_caption <= p.images_per_caption,
              "batch.views_per_caption",
              f"{b.views_per_caption} views > producer.images_per_caption={p.images_per_caption}")
     _require(b.captions_per_batch * b.views_per_caption >= 2, "batch.captions_per_batch",
@@ -183,6 +193,8 @@ def validate(cfg: Config) -> None:
     _require(all(x >= 0 for x in e.weight_decays), "eval.weight_decays", "must be >= 0")
     _require(e.epochs >= 1, "eval.epochs", "must be >= 1")
     _require(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    _require(e.suite == "" or e.suite in EVAL_SUITES, "eval.suite",
+             f"{e.suite!r} is not one of {', '.join(EVAL_SUITES)} (or \"\" for eval.dataset)")
     _validate_mix(cfg)
 
 

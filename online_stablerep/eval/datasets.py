@@ -112,6 +112,18 @@ def image_folder_probe_data(root: str | Path, size: int) -> tuple[ImageFolderIma
     return train, ImageFolderImages(root / "val", size, class_names=train.class_names)
 
 
+def check_probe_data(cfg: Config) -> None:
+    """Raise ValueError naming eval.dataset when it is a folder without train/ and val/ (a
+    suite, when set, replaces it and is checked by the config)."""
+    if cfg.eval.suite or cfg.eval.dataset == "procedural":
+        return
+    for split in ("train", "val"):
+        if not (Path(cfg.eval.dataset) / split).is_dir():
+            raise ValueError(f"eval.dataset={cfg.eval.dataset!r}: no {split}/ folder there "
+                             "(give an ImageFolder root with train/ and val/, 'procedural', "
+                             "or --suite NAME)")
+
+
 def probe_data(cfg: Config, size: int) -> tuple[ProbeImages, ProbeImages]:
     """(train, test) for eval.dataset; `size` is the ImageFolder load size (procedural images
     come at producer.output_size)."""

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from online_stablerep.config import Config
+from online_stablerep.eval.datasets import check_probe_data
+from online_stablerep.eval.export import load_trained_model
 from online_stablerep.eval.probe import probe_encoders, write_probe_json
 from online_stablerep.models.encoder import build_model
 from online_stablerep.monitoring.metrics import console
@@ -32,7 +34,7 @@ def probe_model(cfg: Config, model: torch.nn.Module, device: torch.device) -> di
     with torch.no_grad():
         results = probe_encoders(cfg, encoders, device)
     path = Path(cfg.output_dir) / "probe.json"
-    summary = write_probe_json(results, path)
+    summary = write_probe_json(results, path, suite=cfg.eval.suite)
     console(
         "probe: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
         + f" -> {path}"
@@ -49,11 +51,16 @@ def probe_after_training(cfg: Config, model: torch.nn.Module, device: torch.devi
 
 
 def probe_checkpoint(cfg: Config, path: Path | None, device: torch.device) -> dict:
-    """Probe the model of checkpoint `path` (default: the newest in cfg.output_dir)."""
+    """Probe the model of checkpoint `path` (default: the newest in cfg.output_dir).
+
+    Raises:
+        ValueError: no complete checkpoint there, one of another architecture than cfg's, or
+            a missing eval.dataset folder (all found before any image is encoded).
+    """
+    check_probe_data(cfg)
     path = path or ckpt.newest_checkpoint(cfg.output_dir)
-    if path is None or not (Path(path) / "model.pt").is_file():
-        raise ValueError(f"no complete checkpoint found at {path or cfg.output_dir}")
-    model = build_model(cfg.model).to(device)
-    model.load_state_dict(torch.load(Path(path) / "model.pt", map_location=device))
+    if path is None:
+        raise ValueError(f"no complete checkpoint found in {cfg.output_dir}")
+    model = load_trained_model(cfg, Path(path)).to(device)
     console(f"probing checkpoint {path}")
     return probe_model(cfg, model, device)

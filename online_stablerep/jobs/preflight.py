@@ -189,7 +189,8 @@ def _check_shards(cfg: Config, producers: int) -> None:
 
 def _check_eval(cfg: Config) -> None:
     dataset = cfg.eval.dataset
-    if not cfg.eval.probe_at_end or dataset == "procedural":
+    # A named suite replaces eval.dataset (its images are rendered, nothing to find).
+    if not cfg.eval.probe_at_end or cfg.eval.suite or dataset == "procedural":
         return
     root = Path(dataset)
     for split in ("train", "val"):

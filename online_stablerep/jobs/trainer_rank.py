@@ -39,7 +39,7 @@ def trainer_source(
     buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_reuse,
                           min_pool=resolved_min_pool(cfg), fresh_weight=cfg.replay.fresh_weight,
                           seed=cfg.seed * 7919 + rank, track_keys=cfg.train.audit,
-                          draw=cfg.replay.draw)
+                          draw=cfg.replay.draw, positives=cfg.batch.positives)
     k, r = cfg.batch.views_per_caption, real_groups_per_batch(cfg)
     # With real images mixed in, the producers fill the rest of each batch.
     n = cfg.batch.captions_per_batch - r

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from online_stablerep.config.validate import REPLAY_DRAWS
+from online_stablerep.config.validate import BATCH_POSITIVES, REPLAY_DRAWS
 from online_stablerep.records import CaptionGroup, TrainBatch
 
 GroupKey = tuple[int, int, int]  # (caption_id, epoch, producer_rank)
@@ -47,7 +47,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, max_reuse: int, min_pool: int = 1,
                  fresh_weight: float = 1.0, seed: int = 0, track_keys: bool = False,
-                 draw: str = "random"):
+                 draw: str = "random", positives: str = "caption"):
         if capacity < 1 or max_reuse < 1:
             raise ValueError("replay buffer needs capacity >= 1 and max_reuse >= 1")
         if min_pool > capacity:
@@ -56,7 +56,10 @@ class ReplayBuffer:
             raise ValueError("replay.fresh_weight must be > 0")
         if draw not in REPLAY_DRAWS:
             raise ValueError(f"replay.draw must be one of {REPLAY_DRAWS}, got {draw!r}")
+        if positives not in BATCH_POSITIVES:
+            raise ValueError(f"batch.positives must be one of {BATCH_POSITIVES}, got {positives!r}")
         self.draw = draw
+        self.positives = positives
         self.capacity = capacity
         self.max_reuse = max_reuse
         self.min_pool = min_pool
@@ -188,12 +191,16 @@ class ReplayBuffer:
             views = []
             for slot in chosen:
                 images = slot.group.images_kchw
-                if images.shape[0] < k:
+                if self.positives == "image":
+                    one = torch.randint(images.shape[0], (1,), generator=self._generator)
+                    pick = one.expand(k)
+                elif images.shape[0] < k:
                     raise ValueError(
                         f"caption group {slot.group.caption_id} from rank "
                         f"{slot.group.producer_rank} has {images.shape[0]} images, batch needs {k}"
                     )
-                pick = torch.randperm(images.shape[0], generator=self._generator)[:k]
+                else:
+                    pick = torch.randperm(images.shape[0], generator=self._generator)[:k]
                 views.append(images[pick])
                 self.groups_drawn += int(slot.uses == 0)
                 if slot.uses == 0:
