@@ -130,13 +130,3 @@ def save_random_unet(unet, path: str | Path, seed: int = 0,
         model = UNet2DConditionModel.from_config(config)
     model.save_pretrained(str(path))
     return Path(path)
-
-
-def corpus(colour_captions: bool = True) -> list[str]:
-    """Every toy caption: plain ones first, then one per (colour, category)."""
-    from online_stablerep.toy.world import COLOURS, TOY_CATEGORIES, caption
-
-    plain = [caption(c) for c in range(TOY_CATEGORIES)]
-    if not colour_captions:
-        return plain
-    return plain + [caption(c, name) for name in COLOURS for c in range(TOY_CATEGORIES)]

@@ -29,6 +29,10 @@ TINY_SUITE = dataclasses.replace(
 @pytest.fixture
 def tiny_suite(monkeypatch):
     monkeypatch.setitem(SUITES, "tiny", TINY_SUITE)
+    # config validates suite names from its own list (it cannot import eval)
+    import online_stablerep.config.validate as validation
+
+    monkeypatch.setattr(validation, "EVAL_SUITES", (*validation.EVAL_SUITES, "tiny"))
     monkeypatch.setattr(suites_module, "_MEMORY", {})
     return TINY_SUITE
 

@@ -25,10 +25,10 @@ from online_stablerep.toy.world import (
     TOY_SEED,
     caption,
     colourise,
+    corpus,
     parse_caption,
     render_bank,
 )
-from tests.helpers import corpus
 
 TOY_DIR = SHIPPED_MODELS["toy"]
 shipped = pytest.mark.skipif(not (TOY_DIR / "model_index.json").is_file(),

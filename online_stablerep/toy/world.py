@@ -101,3 +101,11 @@ def colourise(alpha_b1hw: torch.Tensor, colours: list[str | None],
     bg = _hsv(u[:, 3], 0.5 * u[:, 4], 0.2 * u[:, 5])
     alpha = alpha_b1hw.float() / 255
     return bg[:, :, None, None] + alpha * (fg - bg)[:, :, None, None]
+
+
+def corpus(colour_captions: bool = True) -> list[str]:
+    """Every toy caption: plain ones first, then one per (colour, category)."""
+    plain = [caption(c) for c in range(TOY_CATEGORIES)]
+    if not colour_captions:
+        return plain
+    return plain + [caption(c, name) for name in COLOURS for c in range(TOY_CATEGORIES)]
