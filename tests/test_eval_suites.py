@@ -5,6 +5,7 @@ command's answers to bad input."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -30,8 +31,8 @@ TINY_SUITE = dataclasses.replace(
 def tiny_suite(monkeypatch):
     monkeypatch.setitem(SUITES, "tiny", TINY_SUITE)
     # config validates suite names from its own list (it cannot import eval)
-    import online_stablerep.config.validate as validation
-
+    # (the package exports a function of the same name, so the module comes by import_module)
+    validation = importlib.import_module("online_stablerep.config.validate")
     monkeypatch.setattr(validation, "EVAL_SUITES", (*validation.EVAL_SUITES, "tiny"))
     monkeypatch.setattr(suites_module, "_MEMORY", {})
     return TINY_SUITE
