@@ -10,6 +10,8 @@ environment, as comma-separated `key=value` pairs, e.g.
   uint8, as a diverged sampler would make them: the group is skipped and counted.
 - `checkpoint_delay_s=S`: every trainer rank sleeps S seconds inside each checkpoint write, after
   its state is taken (a slow disk): generation goes on meanwhile.
+- `step_delay_s=S`: every trainer step takes S seconds longer (a slower device), so a test can
+  kill a run at a random moment before it ends on a fast machine.
 
 Unset (the default, and always outside tests) nothing is injected. An unknown key fails at once,
 so a test cannot silently inject nothing.
@@ -36,6 +38,8 @@ class InjectedFaults:
     nonfinite_caption: int = -1
     # Seconds each checkpoint write is delayed by (0: none).
     checkpoint_delay_s: float = 0.0
+    # Seconds each trainer step is delayed by (0: none).
+    step_delay_s: float = 0.0
 
     def oom(self, caption_ids: list[int]) -> bool:
         """Whether a producer call of these captions is to fail as out of memory."""

@@ -19,8 +19,11 @@ from online_stablerep.training.checkpoint import newest_checkpoint
 from tests.helpers import TINY_PROCEDURAL, read_logs, read_summary, run_cli, start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
-STEPS = 40
-BOUND_S = 2.4
+STEPS = 80
+BOUND_S = 1.2
+# Each step takes at least this long (injected), so the run outlasts its three random kills
+# on an idle machine too.
+STEP_DELAY_S = 0.1
 ARGS = ["--config", "cpu_procedural", *TINY_PROCEDURAL, f"train.steps={STEPS}",
         "train.checkpoint_every=0"]
 STAMP = re.compile(r"^\[(\d\d):(\d\d):(\d\d) train rank 0\] (step (\d+)/|checkpoint .* in "
@@ -34,7 +37,8 @@ def start(out: Path, log: Path) -> subprocess.Popen:
         [sys.executable, "-m", "online_stablerep.cli", "train", *ARGS, f"output_dir={out}",
          f"train.checkpoint_every_minutes={BOUND_S / 60}", "resume=true"],
         stdout=log.open("w"), stderr=subprocess.STDOUT,
-        env={**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        env={**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+             "ONLINE_STABLEREP_INJECT": f"step_delay_s={STEP_DELAY_S}"})
 
 
 def slack_s(log: str) -> float:

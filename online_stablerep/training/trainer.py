@@ -18,6 +18,7 @@ from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from online_stablerep.config.schema import Config
 from online_stablerep.distributed.env import get_rank, get_world_size
 from online_stablerep.distributed.groups import JobGroups
+from online_stablerep.faults import injected
 from online_stablerep.losses import StableRepLoss
 from online_stablerep.models.encoder import build_model
 from online_stablerep.monitoring.metrics import MetricSink, console
@@ -98,6 +99,7 @@ class Trainer:
         self.lr = peak_lr(cfg, self.world)
         self.engine = build_engine(cfg, model, self.lr, groups, self.n * self.k, self.bf16)
         self.step = 0
+        self._step_delay_s = injected().step_delay_s
         # When the last checkpoint was written, or fit() began (train.checkpoint_every_minutes).
         self._saved_at = time.monotonic()
         self.losses: list[float] = []
@@ -270,6 +272,8 @@ class Trainer:
             self.engine.backward(terms["loss"])
             self.engine.step()
             self.engine.module.clamp_logit_scale()
+            if self._step_delay_s:
+                time.sleep(self._step_delay_s)  # tests only: a slower device, to kill mid-run
             self.step += 1
             steps_since += 1
             self._pending.append((self.step, mean_loss))
