@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 from PIL import Image
 
 from online_stablerep.commands import generate
@@ -37,3 +38,19 @@ def test_bad_captions_and_bad_config_exit_2(tmp_path, capsys):
     assert "bad.txt:2: undecodable bytes" in capsys.readouterr().err
     assert _run(["generator.steps=0"]) == 2
     assert "generator.steps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_toy_models_fast_recipe_runs_the_shipped_student(tmp_path, capsys):
+    # generator.model=toy generator.recipe=fast: the shipped LCM-LoRA student through the real
+    # recipe (the teacher's guided first step, then LCM steps) in the preview command.
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a fractal of kind 3\na fractal of kind 7\n")
+    out = tmp_path / "grid.png"
+    code = _run(["--config", "cpu_demo", "--captions", str(captions), "--num", "2",
+                 "--out", str(out), "generator.recipe=fast", "generator.compile=false",
+                 "producer.images_per_caption=2", "producer.captions_per_call=2",
+                 "batch.views_per_caption=2"])
+    assert code == 0
+    assert "4 images from 2 captions" in capsys.readouterr().out
+    assert Image.open(out).height >= 2 * 128
