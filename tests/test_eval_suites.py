@@ -164,7 +164,7 @@ def test_probe_command_answers_bad_input_with_one_line(tmp_path, capsys):
     cfg = load_config("cpu_procedural", ["model.head_hidden_dim=64", "model.embed_dim=32"])
     from online_stablerep.models.encoder import build_model
 
-    save_checkpoint(tmp_path / "run", 1, build_model(cfg).state_dict(), {}, None, keep=1)
+    save_checkpoint(tmp_path / "run", 1, build_model(cfg.model).state_dict(), {}, None, keep=1)
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001"
     assert _probe(["--checkpoint", str(checkpoint), "--suite", "procedural100",
                    "model.backbone=resnet18"]) == 2
