@@ -24,7 +24,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -33,9 +32,8 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.common import RESULTS_DIR
-from benchmarks.toy_experiments import diversity
+from benchmarks.toy_experiments import diversity, timed_call
 from online_stablerep.config import load_config
-from online_stablerep.producers.diffusion import DiffusionProducer
 from online_stablerep.producers.pipeline import SHIPPED_MODELS
 from online_stablerep.toy.models import classify, load_classifier
 from online_stablerep.toy.world import TOY_CATEGORIES, parse_caption
@@ -61,14 +59,7 @@ def generate(recipe: str, seed: int, k: int, guidance: float) -> tuple[torch.Ten
         "captions.shuffle=false", f"producer.images_per_caption={k}", "batch.views_per_caption=2",
         f"producer.captions_per_call={TOY_CATEGORIES}", f"producer.seed={seed}",
         f"generator.recipe={recipe}", "generator.compile=false", f"generator.guidance={guidance}"])
-    producer = DiffusionProducer(cfg, shard=0, num_shards=1)
-    producer.start()
-    try:
-        t0 = time.perf_counter()
-        groups = producer.next_groups()
-        seconds = time.perf_counter() - t0
-    finally:
-        producer.close()
+    groups, seconds = timed_call(cfg)
     groups = sorted(groups, key=lambda g: g.caption_id)
     return (torch.stack([g.images_kchw for g in groups]),
             [parse_caption(g.caption)[0] for g in groups], seconds)

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.common import RESULTS_DIR
+from benchmarks.toy_experiments import run_probe
 from online_stablerep.config import load_config
 from online_stablerep.fractals import render_images
 from online_stablerep.producers.diffusion import DiffusionProducer
@@ -161,21 +160,8 @@ def make_producer(name: str, k: int) -> DiffusionProducer:
 
 def train_and_probe(shards: Path, seed: int, steps: int, workdir: Path) -> dict[str, Any]:
     """cpu_demo trained colocated on the stored groups only; its probe.json figures."""
-    out = workdir / f"{shards.name}_seed{seed}"
-    cmd = [sys.executable, "-m", "online_stablerep.cli", "train", "--config", "cpu_demo",
-           f"output_dir={out}", "roles.generators=0", "producer.kind=shards",
-           f"shards.path={shards}", f"train.steps={steps}", f"seed={seed}",
-           "train.checkpoint_every=0", "train.image_grid_every=0", "eval.baselines=false",
-           "train.cpu_threads=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-    probe = json.loads((out / "probe.json").read_text())
-    return {"seed": seed, "linear_top1": probe["linear_top1"], "knn_top1": probe["knn_top1"],
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    return run_probe(workdir / f"{shards.name}_seed{seed}", seed,
+                     ["producer.kind=shards", f"shards.path={shards}", f"train.steps={steps}"])
 
 
 def write_shards(groups: list[CaptionGroup], directory: Path) -> None:

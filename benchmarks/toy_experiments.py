@@ -52,18 +52,23 @@ def diversity(images_kchw: torch.Tensor) -> float:
     return float(d.sum() / (k * (k - 1)))
 
 
-def sample_quality(overrides: list[str], k: int) -> dict[str, float]:
-    """Alignment and diversity of k images of each toy caption at `overrides`."""
-    cfg = load_config("cpu_demo", ["captions.shuffle=false", f"producer.images_per_caption={k}",
-                                   f"producer.captions_per_call={TOY_CATEGORIES}", *overrides])
+def timed_call(cfg) -> tuple[list, float]:
+    """One producer call of cfg's diffusion producer (built and closed here), and its seconds."""
     producer = DiffusionProducer(cfg, shard=0, num_shards=1)
     producer.start()
     try:
         t0 = time.perf_counter()
         groups = producer.next_groups()
-        seconds = time.perf_counter() - t0
+        return groups, time.perf_counter() - t0
     finally:
         producer.close()
+
+
+def sample_quality(overrides: list[str], k: int) -> dict[str, float]:
+    """Alignment and diversity of k images of each toy caption at `overrides`."""
+    cfg = load_config("cpu_demo", ["captions.shuffle=false", f"producer.images_per_caption={k}",
+                                   f"producer.captions_per_call={TOY_CATEGORIES}", *overrides])
+    groups, seconds = timed_call(cfg)
     images = torch.cat([g.images_kchw for g in groups])
     labels = torch.tensor([parse_caption(g.caption)[0] for g in groups]).repeat_interleave(k)
     pred = classify(load_classifier(SHIPPED_MODELS["toy"]), images)
@@ -75,13 +80,18 @@ def sample_quality(overrides: list[str], k: int) -> dict[str, float]:
 def train_and_probe(overrides: list[str], seed: int, steps: int, workdir: Path) -> dict:
     """Train cpu_demo colocated on one setting's images; its probe.json."""
     out = workdir / f"run_{abs(hash((tuple(overrides), seed)))}"
+    return run_probe(out, seed, [f"train.steps={steps}", *overrides])
+
+
+def run_probe(out: Path, seed: int, overrides: list[str]) -> dict:
+    """`online-stablerep train --config cpu_demo` colocated, one thread, into `out`, with a
+    probe at the end; the seed, linear and k-NN top-1 and wall seconds of the run."""
     cmd = [sys.executable, "-m", "online_stablerep.cli", "train", "--config", "cpu_demo",
-           f"output_dir={out}", "roles.generators=0", f"train.steps={steps}", f"seed={seed}",
+           f"output_dir={out}", "roles.generators=0", f"seed={seed}",
            "train.checkpoint_every=0", "train.image_grid_every=0", "eval.baselines=false",
-           "train.cpu_threads=1",
-           *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
-        "PYTHONPATH", "")])}
+           "train.cpu_threads=1", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
