@@ -102,5 +102,6 @@ class ProgressLog:
         if not groups:
             return
         grid = render_grid(groups, title=f"newest groups received at step {step}", cell=96)
-        image = torch.from_numpy(np.asarray(grid)).permute(2, 0, 1).contiguous()
+        # np.array copies: a PIL image's buffer is read-only, which torch warns about on every grid
+        image = torch.from_numpy(np.array(grid)).permute(2, 0, 1).contiguous()
         self.sink.image("buffer/received_groups", image, step)
